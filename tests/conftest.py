@@ -1,0 +1,34 @@
+"""Test setup: several simulated CPU devices, repo root on sys.path, fixture paths."""
+
+import os
+import pathlib
+import sys
+
+# Must be set before jax is imported anywhere: sharded tests need >1 CPU device.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+
+SHARED = ROOT.parent / 'shared'
+
+
+@pytest.fixture(scope='session')
+def shared_dir():
+  if not SHARED.is_dir():
+    pytest.fail(f'{SHARED} (the shared fixtures folder) is missing beside the repo')
+  return SHARED
+
+
+@pytest.fixture(scope='session')
+def pt18_real(shared_dir):
+  return shared_dir / 'fixtures' / 'posetrack18_real'
+
+
+@pytest.fixture(scope='session')
+def poseval_golden(shared_dir):
+  return shared_dir / 'fixtures' / 'poseval_golden'
