@@ -123,3 +123,29 @@ def data_config(name='synthetic'):
   c.augment.rotation_factor = 45.0
   c.augment.rotation_prob = 0.6
   return c
+
+
+def optim_config():
+  """`config.optim`: see tdmi_jax/optim.py. SPEC §7 recipe: Adam, lr 1e-3, x0.1 decays."""
+  c = ml_collections.ConfigDict()
+  c.name = 'adam'                # 'adam' | 'adamw'.
+  c.learning_rate = 1e-3
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.eps = 1e-8
+  c.weight_decay = 1e-4          # AdamW only.
+  c.decay_epochs = (8, 12, 16)   # Multiply the lr by decay_factor at these epochs.
+  c.decay_factor = 0.1
+  c.warmup_epochs = 0.0          # Linear warmup from 0 (fractional epochs allowed).
+  c.grad_clip_norm = 0.0         # Global-norm clipping; 0 disables it.
+  c.club_learning_rate = 1e-3    # vCLUB's own Adam (mi.estimator='club').
+  return c
+
+
+def checkpoint_config():
+  """`config.checkpoint`: see tdmi_jax/checkpointing.py."""
+  c = ml_collections.ConfigDict()
+  c.every_steps = 1000           # Also written at the end and on SIGTERM/SIGINT.
+  c.max_to_keep = 3              # Most recent checkpoints kept; None keeps all.
+  c.keep_period = 0              # Also keep every step that is a multiple of this (0: none).
+  return c
