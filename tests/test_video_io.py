@@ -1,0 +1,84 @@
+"""Frames, boxes, tracks and crop anchors for video inference."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tdmi_jax import video_io
+
+
+def _clip(n=6, seq='000001_mpiinew_test'):
+  return video_io.Clip(np.zeros((n, 40, 60, 3), np.uint8), [f'{i:06d}.jpg' for i in range(n)],
+                       25.0, seq)
+
+
+def test_read_real_video_and_frames(pt18_real):
+  d = pt18_real / 'videos' / '000001_mpiinew_test'
+  video = video_io.read_video(d / '000001_mpiinew_test.mp4')
+  frames = video_io.read_frames_dir(d)
+  assert video.frames.shape == (5, 720, 1280, 3) == frames.frames.shape
+  assert frames.names == [f'{i:06d}.jpg' for i in range(5)]
+  # Same content up to the video codec's loss.
+  assert np.abs(video.frames.astype(float) - frames.frames).mean() < 20
+
+
+def test_frames_dir_errors(tmp_path):
+  with pytest.raises(ValueError, match='no image files'):
+    video_io.read_frames_dir(tmp_path)
+  (tmp_path / '000000.jpg').write_bytes(b'not a jpeg')
+  with pytest.raises(ValueError, match='000000.jpg'):
+    video_io.read_frames_dir(tmp_path)
+  with pytest.raises(FileNotFoundError, match='missing.mp4'):
+    video_io.read_video(tmp_path / 'missing.mp4')
+
+
+def test_load_boxes_both_formats(tmp_path):
+  clip = _clip()
+  coco = [{'image_id': 10000010003, 'bbox': [1, 2, 30, 40], 'score': 0.9, 'category_id': 1},
+          {'image_id': 2, 'bbox': [5, 5, 10, 20], 'score': 0.1},
+          {'image_id': 99, 'bbox': [5, 5, 10, 20], 'score': 0.9}]
+  (tmp_path / 'coco.json').write_text(json.dumps(coco))
+  boxes = video_io.load_boxes(tmp_path / 'coco.json', clip, score_thresh=0.2)
+  assert [len(b) for b in boxes] == [0, 0, 0, 1, 0, 0]
+  np.testing.assert_allclose(boxes[3][0], [1, 2, 30, 40, 0.9], rtol=1e-6)
+  dcpose = [{'image_name': 'images/val/000001_mpiinew_test/000004.jpg', 'bbox': [1, 2, 3, 4],
+             'score': 0.5}]
+  (tmp_path / 'dcpose.json').write_text(json.dumps(dcpose))
+  boxes = video_io.load_boxes(tmp_path / 'dcpose.json', clip)
+  assert [len(b) for b in boxes] == [0, 0, 0, 0, 1, 0]
+
+
+def test_load_boxes_errors(tmp_path):
+  clip = _clip()
+  (tmp_path / 'bad.json').write_text('{not json')
+  with pytest.raises(ValueError, match='bad.json'):
+    video_io.load_boxes(tmp_path / 'bad.json', clip)
+  (tmp_path / 'other.json').write_text(json.dumps([{'image_id': 123, 'bbox': [0, 0, 5, 5]}]))
+  with pytest.raises(ValueError, match='no box'):
+    video_io.load_boxes(tmp_path / 'other.json', clip)
+
+
+def test_link_tracks_and_anchors():
+  # Two people moving right by 1 px per frame; listed in swapped order on odd frames.
+  a = lambda t: [10 + t, 10, 20, 40, 1.0]
+  b = lambda t: [100 + t, 10, 20, 40, 1.0]
+  boxes = [np.asarray([a(t), b(t)] if t % 2 == 0 else [b(t), a(t)], np.float32) for t in range(8)]
+  ids = video_io.link_tracks(boxes)
+  for t in range(8):
+    expect = [0, 1] if t % 2 == 0 else [1, 0]
+    assert list(ids[t]) == expect
+  anchors, anchor_ids = video_io.crop_anchors(boxes, ids, reanchor_iou=0.85)
+  # IoU of a box shifted by k px (w=20): (20-k)/(20+k) >= 0.85 for k <= 1.6, so the anchor is
+  # renewed every 2 frames, and the held anchor is the box where it was renewed.
+  first = {int(i): anchor_ids[0][k] for k, i in enumerate(ids[0])}
+  assert anchor_ids[1][list(ids[1]).index(0)] == first[0]
+  assert anchor_ids[2][list(ids[2]).index(0)] != first[0]
+  np.testing.assert_allclose(anchors[1][list(ids[1]).index(0)], a(0)[:4])
+
+
+def test_window_indices_pad_with_key_frame():
+  assert video_io.window_indices(0, 5) == [0, 0, 0, 1, 2]
+  assert video_io.window_indices(1, 5) == [1, 0, 1, 2, 3]
+  assert video_io.window_indices(4, 5) == [2, 3, 4, 4, 4]
+  assert video_io.window_indices(0, 1) == [0, 0, 0, 0, 0]
