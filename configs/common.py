@@ -149,3 +149,19 @@ def checkpoint_config():
   c.max_to_keep = 3              # Most recent checkpoints kept; None keeps all.
   c.keep_period = 0              # Also keep every step that is a multiple of this (0: none).
   return c
+
+
+def mi_config():
+  """`config.mi`: the MI terms of the objective, see tdmi_jax/losses.py (SPEC §6)."""
+  c = ml_collections.ConfigDict()
+  c.enabled = True               # False: the loss is the heatmap MSE alone.
+  c.divergence = 'kl'            # 'kl' (proper KL(q||p)) | 'reference' (literal surrogate).
+  c.estimator = 'divergence'     # 'divergence' | 'club' (vCLUB bound replaces I_un).
+  c.alpha = 1.0                  # Weight of L_motion.
+  c.beta = 1.0                   # Weight of L_mm (multi-modal).
+  c.gamma = 1.0                  # Weight of L_reg (regularisation).
+  c.tau = 0.05                   # Temperature of the spatial softmaxes.
+  c.club = ml_collections.ConfigDict()
+  c.club.hidden = 64             # Hidden width of each head of mi.Club.
+  c.club.learning_rate = 1e-3    # Adam lr of the CLUB network's own optimizer.
+  return c

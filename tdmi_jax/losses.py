@@ -1,0 +1,133 @@
+"""The TDMI objective (SPEC §6): joint-weighted heatmap MSE plus the MI terms.
+
+Reductions, exactly:
+
+* `heatmap_loss`: per joint k, mean over examples and pixels of (w_k (pred_k - gt_k))^2,
+  summed over joints and divided by K (no 1/2). With every joint sharing the same pixel
+  count this is the mean over all elements; with `mask` [B] it is the mean over the
+  unmasked examples only (0 when every example is masked).
+* Each MI term V(A -> B) (`mi.divergence`, per example) is averaged over the unmasked
+  examples, the mask being `batch['mask']` when the batch has one. For 'kl' that is KL per
+  (example, channel) summed over the H*W pixels, then the mean over examples and
+  channels; for 'reference' it is the mean over all elements.
+* A is gradient-stopped in every term except I_un, whose gradient reaches both M_u and
+  M_n; H(.) maps and the backbone heatmaps come from the model already gradient-stopped.
+
+Groups (reference signs, kept for both divergences; see SPEC §6 on why they look odd):
+  L_motion = 2 I_un - I_mu,  L_mm = I_ua - I_uf - I_af,  L_reg = I_uy - I_uf + I_ay - I_af,
+  L = L_H + alpha L_motion + beta L_mm + gamma L_reg.
+With `mi.estimator='club'` the vCLUB bound replaces I_un in L_motion (2 * bound - I_mu);
+I_un is still computed and logged, without gradient.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from tdmi_jax.models import mi
+
+# aux keys the MI terms read (CONTRACTS.md "Model"). A 'single_frame' aux has none.
+MI_AUX_KEYS = ('motion', 'useful', 'noisy', 'appearance', 'fused',
+               'useful_heatmaps', 'appearance_heatmaps')
+# (metric name, A key, B key, gradient to A). A key 'heatmaps' means the final heatmaps.
+TERMS = (
+    ('I_un', 'useful', 'noisy', True),
+    ('I_mu', 'motion', 'useful', False),
+    ('I_ua', 'useful', 'appearance', False),
+    ('I_uf', 'useful', 'fused', False),
+    ('I_af', 'appearance', 'fused', False),
+    ('I_uy', 'useful_heatmaps', 'heatmaps', False),
+    ('I_ay', 'appearance_heatmaps', 'heatmaps', False),
+)
+
+
+def _masked_mean(per_example, mask):
+  if mask is None:
+    return jnp.mean(per_example)
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def heatmap_loss(pred, target, target_weight, mask=None):
+  """Joint-weighted MSE (SPEC §6). pred, target [B, h, w, K]; target_weight [B, K]."""
+  if pred.shape != target.shape:
+    raise ValueError(f'heatmap_loss: pred {pred.shape} and target {target.shape} differ')
+  w = target_weight.astype(jnp.float32)[:, None, None, :]
+  err = (w * (pred.astype(jnp.float32) - target.astype(jnp.float32))) ** 2
+  return _masked_mean(jnp.mean(err, axis=(1, 2, 3)), mask)
+
+
+def _check_mi_cfg(mi_cfg):
+  if mi_cfg.divergence not in ('kl', 'reference'):
+    raise ValueError(f"mi.divergence must be 'kl' or 'reference', got {mi_cfg.divergence!r}")
+  if mi_cfg.estimator not in ('divergence', 'club'):
+    raise ValueError(
+        f"mi.estimator must be 'divergence' or 'club', got {mi_cfg.estimator!r}")
+
+
+def _club_bound(club_variables, aux, mask):
+  """vCLUB bound with the CLUB params frozen: gradient goes to M_u and M_n only."""
+  club = mi.club_from_variables(club_variables)
+  u, n, weights = mi.club_samples(aux['useful'], aux['noisy'], mask)
+  (mu, logvar), _ = club.apply(jax.lax.stop_gradient(club_variables), u, train=False)
+  return mi.club_bound(mu, logvar, n, weights)
+
+
+def objective(heatmaps, aux, batch, mi_cfg, club_variables=None):
+  """Total loss of the main model and its metrics (see the module docstring).
+
+  heatmaps [B, h, w, K]; aux as in CONTRACTS.md; batch with 'target', 'target_weight'
+  and optionally 'mask'; mi_cfg = `config.mi`; club_variables = the CLUB network's
+  variables, required when mi_cfg.estimator == 'club'. Returns (loss, metrics), metrics
+  a flat dict of float32 scalars. An aux without the MI tensors (arch='single_frame') or
+  mi_cfg.enabled=False gives L_H alone, with metrics 'loss' and 'heatmap_loss' only.
+  """
+  mask = batch.get('mask')
+  l_h = heatmap_loss(heatmaps, batch['target'], batch['target_weight'], mask)
+  metrics = {'heatmap_loss': l_h}
+  present = [k for k in MI_AUX_KEYS if k in aux]
+  if not mi_cfg.enabled or not present:
+    metrics['loss'] = l_h
+    return l_h, metrics
+  if len(present) != len(MI_AUX_KEYS):
+    missing = sorted(set(MI_AUX_KEYS) - set(present))
+    raise ValueError(f'objective: model aux has some MI tensors but lacks {missing}')
+  _check_mi_cfg(mi_cfg)
+
+  maps = dict(aux, heatmaps=heatmaps)
+  terms = {}
+  for name, a_key, b_key, grad_to_a in TERMS:
+    a = maps[a_key] if grad_to_a else jax.lax.stop_gradient(maps[a_key])
+    v = mi.divergence(a, maps[b_key], tau=mi_cfg.tau, kind=mi_cfg.divergence)
+    terms[name] = _masked_mean(v, mask)
+
+  i_un = terms['I_un']
+  if mi_cfg.estimator == 'club':
+    if club_variables is None:
+      raise ValueError("objective: mi.estimator='club' needs club_variables")
+    bound = _club_bound(club_variables, aux, mask)
+    metrics['mi/club_bound'] = bound
+    terms['I_un'] = jax.lax.stop_gradient(i_un)  # Logged only.
+    i_un = bound
+
+  l_motion = 2.0 * i_un - terms['I_mu']
+  l_mm = terms['I_ua'] - terms['I_uf'] - terms['I_af']
+  l_reg = terms['I_uy'] - terms['I_uf'] + terms['I_ay'] - terms['I_af']
+  loss = l_h + mi_cfg.alpha * l_motion + mi_cfg.beta * l_mm + mi_cfg.gamma * l_reg
+  metrics.update({f'mi/{k}': v for k, v in terms.items()})
+  metrics.update({'mi/L_motion': l_motion, 'mi/L_mm': l_mm, 'mi/L_reg': l_reg,
+                  'loss': loss})
+  return loss, metrics
+
+
+def club_learning_loss(club_variables, aux, mask=None):
+  """The CLUB network's loss: -log q(M_n | M_u) on stop-gradient (M_u, M_n).
+
+  Differentiate w.r.t. club_variables['params'] only; no gradient reaches the model.
+  `mask` [B] optionally drops padded examples.
+  """
+  useful = jax.lax.stop_gradient(aux['useful'])
+  noisy = jax.lax.stop_gradient(aux['noisy'])
+  club = mi.club_from_variables(club_variables)
+  u, n, weights = mi.club_samples(useful, noisy, mask)
+  (mu, logvar), _ = club.apply(club_variables, u, train=False)
+  return mi.gaussian_nll(mu, logvar, n, weights)
