@@ -138,7 +138,6 @@ def optim_config():
   c.decay_factor = 0.1
   c.warmup_epochs = 0.0          # Linear warmup from 0 (fractional epochs allowed).
   c.grad_clip_norm = 0.0         # Global-norm clipping; 0 disables it.
-  c.club_learning_rate = 1e-3    # vCLUB's own Adam (mi.estimator='club').
   return c
 
 
