@@ -72,6 +72,17 @@ def _club_bound(club_variables, aux, mask):
   return mi.club_bound(mu, logvar, n, weights)
 
 
+def mi_terms(heatmaps, aux, mi_cfg, mask=None):
+  """The seven divergence terms {'I_un': scalar, ...} with their gradient stops."""
+  maps = dict(aux, heatmaps=heatmaps)
+  terms = {}
+  for name, a_key, b_key, grad_to_a in TERMS:
+    a = maps[a_key] if grad_to_a else jax.lax.stop_gradient(maps[a_key])
+    v = mi.divergence(a, maps[b_key], tau=mi_cfg.tau, kind=mi_cfg.divergence)
+    terms[name] = _masked_mean(v, mask)
+  return terms
+
+
 def objective(heatmaps, aux, batch, mi_cfg, club_variables=None):
   """Total loss of the main model and its metrics (see the module docstring).
 
@@ -93,13 +104,7 @@ def objective(heatmaps, aux, batch, mi_cfg, club_variables=None):
     raise ValueError(f'objective: model aux has some MI tensors but lacks {missing}')
   _check_mi_cfg(mi_cfg)
 
-  maps = dict(aux, heatmaps=heatmaps)
-  terms = {}
-  for name, a_key, b_key, grad_to_a in TERMS:
-    a = maps[a_key] if grad_to_a else jax.lax.stop_gradient(maps[a_key])
-    v = mi.divergence(a, maps[b_key], tau=mi_cfg.tau, kind=mi_cfg.divergence)
-    terms[name] = _masked_mean(v, mask)
-
+  terms = mi_terms(heatmaps, aux, mi_cfg, mask)
   i_un = terms['I_un']
   if mi_cfg.estimator == 'club':
     if club_variables is None:
