@@ -1,0 +1,261 @@
+"""HRNet pose network (Sun et al., CVPR 2019) as data, named like the PyTorch `pose_hrnet`.
+
+The stage structure is a row of `VARIANTS`, whose fields mean what the official HRNet
+`MODEL.EXTRA` yaml fields mean (NUM_MODULES, NUM_BRANCHES, BLOCK, NUM_BLOCKS,
+NUM_CHANNELS, FUSE_METHOD), plus the stem width. STAGE1 is the `layer1` of pose_hrnet.
+
+Parameter naming scheme (flax path <-> PyTorch state_dict key): every PyTorch module path
+component that is a `Sequential`/`ModuleList` index is glued to the component before it
+with '_' to form one flax module name. So
+
+  ('stage2_0', 'branches_0_0', 'conv1', 'kernel')  <->  'stage2.0.branches.0.0.conv1.weight'
+  ('transition1_1_0_0', 'kernel')                  <->  'transition1.1.0.0.weight'
+  ('stage2_0', 'fuse_layers_1_0_0_1', 'scale')     <->  'stage2.0.fuse_layers.1.0.0.1.weight'
+
+and back by turning every '_' followed by a digit into '.'. Leaves: conv 'kernel' <->
+'weight' (flax HWIO, PyTorch OIHW: the importer transposes), 'bias' <-> 'bias', BatchNorm
+'scale' <-> 'weight'; batch_stats 'mean'/'var' <-> 'running_mean'/'running_var'.
+See `torch_key` and `flax_path`.
+"""
+
+import dataclasses
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tdmi_jax.models import layers
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+  """One HRNet stage, as the official yaml's STAGEi block."""
+  num_modules: int
+  num_branches: int
+  block: str                      # 'BASIC' | 'BOTTLENECK'.
+  num_blocks: tuple[int, ...]
+  num_channels: tuple[int, ...]
+  fuse_method: str = 'SUM'
+
+
+@dataclasses.dataclass(frozen=True)
+class HRNetSpec:
+  stem_channels: int
+  stage1: StageSpec               # pose_hrnet's `layer1` (one branch, no fusion).
+  stage2: StageSpec
+  stage3: StageSpec
+  stage4: StageSpec
+  final_conv_kernel: int = 1
+  # TDMI's DCN offset groups when `model.dcn.offset_groups` is 0; must divide the width C
+  # of branch 0 (the reference uses 12 with C = 48).
+  offset_groups: int = 12
+
+  @property
+  def width(self) -> int:
+    """C: the channel count of the stage features TDMI consumes (branch 0)."""
+    return self.stage2.num_channels[0]
+
+
+def _stages(widths, blocks=4, modules=(1, 4, 3)):
+  return tuple(
+      StageSpec(num_modules=m, num_branches=n, block='BASIC', num_blocks=(blocks,) * n,
+                num_channels=tuple(widths[:n]))
+      for m, n in zip(modules, (2, 3, 4)))
+
+
+_STAGE1 = StageSpec(num_modules=1, num_branches=1, block='BOTTLENECK', num_blocks=(4,),
+                    num_channels=(64,))
+
+VARIANTS = {
+    'hrnet_w48': HRNetSpec(64, _STAGE1, *_stages((48, 96, 192, 384)), offset_groups=12),
+    'hrnet_w32': HRNetSpec(64, _STAGE1, *_stages((32, 64, 128, 256)), offset_groups=8),
+    # Test-only: every structural feature (bottleneck layer1 with projection, new-branch
+    # transitions, up/down fusion chains, a multi-module stage 4 whose last module keeps
+    # one output) at a fraction of the cost.
+    'tiny': HRNetSpec(
+        16,
+        StageSpec(1, 1, 'BOTTLENECK', (1,), (8,)),
+        *_stages((8, 16, 32, 64), blocks=1, modules=(1, 1, 2)),
+        offset_groups=2),
+}
+
+
+def get_spec(variant: str) -> HRNetSpec:
+  if variant not in VARIANTS:
+    raise ValueError(f'Unknown HRNet variant {variant!r} (model.variant); known: {sorted(VARIANTS)}')
+  return VARIANTS[variant]
+
+
+def _conv_bn(x, features, *, kernel, stride, relu, train, frozen_bn, dtype, name):
+  """PyTorch `Sequential(conv, BN[, ReLU])` named `{name}_0`, `{name}_1`."""
+  x = layers.conv(features, kernel, stride=stride, dtype=dtype, name=f'{name}_0')(x)
+  x = layers.batch_norm(train=train, frozen=frozen_bn, dtype=dtype, name=f'{name}_1')(x)
+  return nn.relu(x) if relu else x
+
+
+class HighResolutionModule(nn.Module):
+  """Parallel branches of blocks followed by all-to-all sum fusion."""
+  stage: StageSpec
+  multi_scale_output: bool = True
+  frozen_bn: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, xs: list[jax.Array], *, train: bool) -> list[jax.Array]:
+    s = self.stage
+    if len(xs) != s.num_branches:
+      raise ValueError(f'{self.name}: {len(xs)} inputs for {s.num_branches} branches')
+    if s.fuse_method != 'SUM':
+      raise ValueError(f'{self.name}: unsupported FUSE_METHOD {s.fuse_method!r}')
+    kw = dict(train=train, frozen_bn=self.frozen_bn, dtype=self.dtype)
+    block = layers.BLOCKS[s.block]
+    width = [c * layers.EXPANSION[s.block] for c in s.num_channels]
+    xs = list(xs)
+    for i in range(s.num_branches):
+      for k in range(s.num_blocks[i]):
+        xs[i] = block(s.num_channels[i], frozen_bn=self.frozen_bn, dtype=self.dtype,
+                      name=f'branches_{i}_{k}')(xs[i], train=train)
+    if s.num_branches == 1:
+      return xs
+    outs = []
+    for i in range(s.num_branches if self.multi_scale_output else 1):
+      y = None
+      for j in range(s.num_branches):
+        z = xs[j]
+        if j > i:  # Lower resolution: 1x1 conv + BN, then nearest upsampling.
+          z = _conv_bn(z, width[i], kernel=1, stride=1, relu=False,
+                       name=f'fuse_layers_{i}_{j}', **kw)
+          z = jnp.repeat(jnp.repeat(z, 2 ** (j - i), axis=1), 2 ** (j - i), axis=2)
+        elif j < i:  # Higher resolution: (i - j) stride-2 3x3 convs; ReLU on all but the last.
+          for k in range(i - j):
+            last = k == i - j - 1
+            z = _conv_bn(z, width[i] if last else width[j], kernel=3, stride=2, relu=not last,
+                         name=f'fuse_layers_{i}_{j}_{k}', **kw)
+        y = z if y is None else y + z
+      outs.append(nn.relu(y))
+    return outs
+
+
+class HRNet(nn.Module):
+  """Top-down HRNet pose network.
+
+  `__call__(x [N, H, W, 3], *, train)` returns `(heatmaps [N, H/4, W/4, num_joints],
+  aux)` with aux['features'] the four stage features of SPEC §1, each [N, H/4, W/4, C]:
+  transition1's branch 0, then the branch-0 outputs of stages 2, 3 and 4.
+  H and W must be multiples of 32 (the fusion upsampling must land on the same grid).
+  """
+  spec: HRNetSpec
+  num_joints: int = 17
+  frozen_bn: bool = False         # BatchNorm on running statistics even in training.
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, Any]]:
+    if x.shape[1] % 32 or x.shape[2] % 32:
+      raise ValueError(f'HRNet input height and width must be multiples of 32, got {x.shape[1:3]}')
+    sp = self.spec
+    kw = dict(train=train, frozen_bn=self.frozen_bn, dtype=self.dtype)
+    bn = dict(train=train, frozen=self.frozen_bn, dtype=self.dtype)
+    x = x.astype(self.dtype)
+    x = layers.conv(sp.stem_channels, 3, stride=2, dtype=self.dtype, name='conv1')(x)
+    x = nn.relu(layers.batch_norm(**bn, name='bn1')(x))
+    x = layers.conv(sp.stem_channels, 3, stride=2, dtype=self.dtype, name='conv2')(x)
+    x = nn.relu(layers.batch_norm(**bn, name='bn2')(x))
+    s1 = sp.stage1
+    for k in range(s1.num_blocks[0]):
+      x = layers.BLOCKS[s1.block](s1.num_channels[0], frozen_bn=self.frozen_bn, dtype=self.dtype,
+                                  name=f'layer1_{k}')(x, train=train)
+
+    features = []
+    ys = [x]
+    pre = [s1.num_channels[0] * layers.EXPANSION[s1.block]]
+    for t, stage in enumerate((sp.stage2, sp.stage3, sp.stage4), start=1):
+      cur = [c * layers.EXPANSION[stage.block] for c in stage.num_channels]
+      xs = []
+      for i, c in enumerate(cur):
+        if i < len(pre):  # Existing branch: a 3x3 conv only if its width changes.
+          z = ys[i]
+          if c != pre[i]:
+            z = _conv_bn(z, c, kernel=3, stride=1, relu=True, name=f'transition{t}_{i}', **kw)
+        else:  # New branch: stride-2 convs from the lowest-resolution previous branch.
+          z = ys[-1]
+          for j in range(i + 1 - len(pre)):
+            out = c if j == i - len(pre) else pre[-1]
+            z = _conv_bn(z, out, kernel=3, stride=2, relu=True, name=f'transition{t}_{i}_{j}',
+                         **kw)
+        xs.append(z)
+      if t == 1:
+        features.append(xs[0])
+      for m in range(stage.num_modules):
+        # pose_hrnet builds stage 4 with multi_scale_output=False: its last module fuses
+        # into branch 0 only.
+        multi = not (t == 3 and m == stage.num_modules - 1)
+        xs = HighResolutionModule(stage, multi_scale_output=multi, frozen_bn=self.frozen_bn,
+                                  dtype=self.dtype, name=f'stage{t + 1}_{m}')(xs, train=train)
+      ys, pre = xs, cur
+      features.append(ys[0])
+
+    heatmaps = nn.Conv(self.num_joints, (sp.final_conv_kernel,) * 2,
+                       padding=sp.final_conv_kernel // 2, use_bias=True, dtype=self.dtype,
+                       param_dtype=jnp.float32, kernel_init=layers.conv_init,
+                       name='final_layer')(ys[0])
+    return heatmaps.astype(jnp.float32), {'features': tuple(features)}
+
+
+# --- flax path <-> PyTorch state_dict key ----------------------------------------------
+
+_LEAF_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
+                  'mean': 'running_mean', 'var': 'running_var'}
+
+
+def _is_batch_norm(module: str) -> bool:
+  """BatchNorms are `bn*` or index 1 of a PyTorch `Sequential(conv, BN[, ReLU])`."""
+  return module.startswith('bn') or re.search(r'_1$', module) is not None
+
+
+def torch_key(path: tuple[str, ...], collection: str = 'params') -> str:
+  """Flax path inside the backbone's params/batch_stats -> PyTorch state_dict key."""
+  *modules, leaf = path
+  if not modules or leaf not in _LEAF_TO_TORCH:
+    raise ValueError(f'Not a backbone leaf path: {path!r}')
+  expected = 'batch_stats' if leaf in ('mean', 'var') else 'params'
+  if collection != expected:
+    raise ValueError(f'Leaf {leaf!r} of {path!r} belongs to {expected!r}, not {collection!r}')
+  return '.'.join(re.sub(r'_(?=\d)', '.', m) for m in modules) + '.' + _LEAF_TO_TORCH[leaf]
+
+
+def flax_path(key: str) -> tuple[str, tuple[str, ...]] | None:
+  """PyTorch state_dict key -> (collection, flax path); None for `num_batches_tracked`.
+
+  Accepts and drops the 'module.' prefix that DataParallel checkpoints carry.
+  """
+  parts = key.split('.')
+  if parts[0] == 'module':
+    parts = parts[1:]
+  *torch_modules, leaf = parts
+  if leaf == 'num_batches_tracked':
+    return None
+  modules = []
+  for p in torch_modules:
+    if p.isdigit():
+      if not modules:
+        raise ValueError(f'Cannot map PyTorch key {key!r}')
+      modules[-1] += '_' + p
+    else:
+      modules.append(p)
+  if not modules:
+    raise ValueError(f'Cannot map PyTorch key {key!r}')
+  bn = _is_batch_norm(modules[-1])
+  if leaf == 'running_mean':
+    return 'batch_stats', (*modules, 'mean')
+  if leaf == 'running_var':
+    return 'batch_stats', (*modules, 'var')
+  if leaf == 'weight':
+    return 'params', (*modules, 'scale' if bn else 'kernel')
+  if leaf == 'bias':
+    return 'params', (*modules, 'bias')
+  raise ValueError(f'Cannot map PyTorch key {key!r}: unknown leaf {leaf!r}')
