@@ -1,0 +1,361 @@
+"""PoseTrack input pipeline: TFDS array_record records -> 5-frame person crops -> batches.
+
+Entry points (batch layout: CONTRACTS.md "Data"):
+- `TrainData(data_cfg, global_batch_size, seed)`: `.batch(step)` is this process's slice of the
+  global batch of `step`, a pure function of (seed, step) — identical after a restart — and
+  `.iterator(start_step)` yields steps start_step, start_step + 1, ... with prefetching.
+- `EvalData(data_cfg, global_batch_size)`: every val person box exactly once, in (video,
+  frame, box) order; the last batch is padded with mask = 0.
+- `val_gt_dir(data_cfg)`: the per-video GT annotation folder for the prediction writer.
+- `load_records(data_cfg, split)`: the split's records (builds the TFDS data on first use).
+
+`config.data` fields (configs/common.py:data_config):
+  name: 'synthetic' | 'posetrack17' | 'posetrack18' | 'posetrack21' (TFDS builder config).
+  manual_dir: the download (or synthetic output) root; data_dir: TFDS data dir ('' = TFDS
+    default). The built data is keyed by a hash of manual_dir and the ingestion fields below,
+    so two downloads never share a build.
+  image_size / heatmap_size (H, W), sigma, window (supporting offsets), aspect_ratio,
+    box_enlarge: SPEC §7 crops and SPEC §6 targets.
+  det_boxes, det_score_thresh, use_gt_boxes_for_val: which boxes val crops come from.
+  on_bad_input: 'error' raises naming the file; 'skip' drops the frame/example, substitutes the
+    next example of the permutation (train) or masks the box out (eval) and counts it in
+    `.skipped` and the log.
+  missing_support_frame: 'error' | 'key_frame' (window files absent on disk, e.g. trimmed copies).
+  num_workers: decode/crop threads; prefetch: batches prepared ahead by `iterator`.
+  augment.*: SPEC §7 augmentation switches (train only).
+"""
+
+import collections
+import concurrent.futures
+import hashlib
+import math
+import os
+import threading
+
+from absl import logging
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from datasets.posetrack import parsers
+from datasets.posetrack import posetrack_dataset_builder as ptb
+from tdmi_jax import transforms
+
+BadInputError = parsers.BadInputError
+_KIND = {'synthetic': 'synthetic', 'posetrack17': 'posetrack2017',
+         'posetrack18': 'posetrack2018', 'posetrack21': 'posetrack21'}
+
+
+# --- Building and reading the TFDS records -----------------------------------------------
+
+
+def builder_config(data_cfg):
+  """The TFDS builder config for `data_cfg` (name = kind + hash of what the build reads)."""
+  if data_cfg.name not in _KIND:
+    raise ValueError(f'config.data.name={data_cfg.name!r}; known: {sorted(_KIND)}')
+  if not data_cfg.manual_dir:
+    raise ValueError('config.data.manual_dir is empty: point it at the PoseTrack download '
+                     '(or the output of `python -m tdmi_jax.data.synthesize --out DIR`)')
+  kind = _KIND[data_cfg.name]
+  manual_dir = os.path.abspath(os.path.expanduser(data_cfg.manual_dir))
+  det = data_cfg.det_boxes
+  key = '|'.join([manual_dir, os.path.abspath(det) if det else '', data_cfg.on_bad_input,
+                  data_cfg.missing_support_frame])
+  digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+  return ptb.PosetrackConfig(
+      name=f'{kind}_{digest}', kind=kind, det_boxes=os.path.abspath(det) if det else '',
+      on_bad_input=data_cfg.on_bad_input, missing_support_frame=data_cfg.missing_support_frame,
+      description=f'{kind} from {manual_dir}')
+
+
+def get_builder(data_cfg):
+  """The builder, with its array_record files built from manual_dir if not yet there."""
+  if not os.path.isdir(os.path.expanduser(data_cfg.manual_dir or '')):
+    builder_config(data_cfg)  # raises the empty-field error first
+    raise FileNotFoundError(f'config.data.manual_dir={data_cfg.manual_dir!r} does not exist')
+  builder = ptb.Builder(config=builder_config(data_cfg), data_dir=data_cfg.data_dir or None)
+  builder.download_and_prepare(
+      file_format='array_record',
+      download_config=tfds.download.DownloadConfig(
+          manual_dir=os.path.abspath(os.path.expanduser(data_cfg.manual_dir))))
+  return builder
+
+
+def load_records(data_cfg, split):
+  """All records of `split` as dicts, sorted by (video_index, frame_index)."""
+  builder = get_builder(data_cfg)
+  if split not in builder.info.splits:
+    raise BadInputError(
+        f'{data_cfg.manual_dir}: no {split!r} split (found {sorted(builder.info.splits)}); '
+        f'expected annotations/{split}/*.json or the DCPose layout')
+  source = builder.as_data_source(split)
+  recs = [source[i] for i in range(len(source))]
+  if not recs:
+    raise BadInputError(f'{data_cfg.manual_dir}: the {split} split is empty')
+  for r in recs:
+    for k in ('video_name', 'video_id', 'gt_file', 'degradation'):
+      r[k] = r[k].decode() if isinstance(r[k], bytes) else r[k]
+    r['window_files'] = [f.decode() if isinstance(f, bytes) else f for f in r['window_files']]
+  recs.sort(key=lambda r: (int(r['video_index']), int(r['frame_index'])))
+  return recs
+
+
+def val_gt_dir(data_cfg):
+  """Absolute path of the per-video val GT JSON folder (what the prediction writer mirrors)."""
+  manual_dir = os.path.abspath(os.path.expanduser(data_cfg.manual_dir))
+  src = parsers.find_split(manual_dir, _KIND[data_cfg.name], 'val')
+  if src is None or not src.gt_dir:
+    raise BadInputError(f'{manual_dir}: no per-video val GT folder (annotations/val, '
+                        'posetrack_data/val or posetrack1x_annotation_dirs/val)')
+  return os.path.join(manual_dir, src.gt_dir)
+
+
+# --- One example -------------------------------------------------------------------------
+
+
+def _load_crop(path, m, out_wh):
+  """Decodes `path` (JPEG draft mode when the crop downsamples) and warps it to out_wh."""
+  try:
+    with Image.open(path) as im:
+      w, h = im.size
+      # Source pixels per crop pixel; decode at 1/k (k = 1, 2, 4, 8) without losing detail.
+      src_per_out = 1.0 / math.sqrt(abs(np.linalg.det(np.asarray(m)[:, :2])))
+      k = 1
+      while k * 2 <= min(src_per_out, 8.0):
+        k *= 2
+      if k > 1 and im.format == 'JPEG':
+        im.draft('RGB', (-(-w // k), -(-h // k)))
+      im.load()
+      sx = 2.0 ** round(math.log2(w / im.size[0]))
+      sy = 2.0 ** round(math.log2(h / im.size[1]))
+      return transforms.warp_image(im, m, out_wh, image_scale=(sx, sy))
+  except FileNotFoundError:
+    raise BadInputError(f'{path}: image not found') from None
+  except (OSError, ValueError, SyntaxError) as e:
+    raise BadInputError(f'{path}: cannot decode image ({e})') from None
+
+
+def make_example(data_cfg, manual_dir, rec, box, joints, rng=None, box_score=1.0):
+  """One crop of a record's window around `box` (x, y, w, h); augmented when rng is given."""
+  out_h, out_w = data_cfg.image_size
+  img_h, img_w = (int(v) for v in rec['image_size'])
+  center, scale = transforms.box_to_center_scale(box, data_cfg.aspect_ratio,
+                                                 data_cfg.box_enlarge)
+  rotation, flip = 0.0, False
+  if rng is not None and data_cfg.augment.enabled:
+    center, scale, rotation, flip, joints = transforms.sample_augmentation(
+        rng, data_cfg.augment, joints, center, scale, img_w, data_cfg.aspect_ratio)
+  m_points = transforms.affine_matrix(center, scale, rotation, (out_w, out_h))
+  m_pixels = (transforms.compose_affine(m_points, transforms.flip_matrix(img_w)) if flip
+              else m_points)
+  decoded = {}
+  frames = []
+  for rel in rec['window_files']:
+    if rel not in decoded:
+      decoded[rel] = _load_crop(os.path.join(manual_dir, rel), m_pixels, (out_w, out_h))
+    frames.append(decoded[rel])
+  frames = transforms.normalize(np.stack(frames))
+  target, weight = transforms.heatmap_targets(
+      transforms.transform_points(joints, m_points), data_cfg.image_size,
+      data_cfg.heatmap_size, data_cfg.sigma)
+  return {
+      'frames': frames, 'target': target, 'target_weight': weight,
+      'mask': np.float32(1.0),
+      'center': center.astype(np.float32), 'scale': np.asarray(scale, np.float32),
+      'rotation': np.float32(rotation), 'box_score': np.float32(box_score),
+      'image_id': np.int64(rec['image_id']), 'video_index': np.int32(rec['video_index']),
+      'frame_index': np.int32(rec['frame_index']),
+      'degraded': np.int32(rec['degradation'] not in ('', 'none')),
+  }
+
+
+def _empty_example(data_cfg):
+  out_h, out_w = data_cfg.image_size
+  hh, hw = data_cfg.heatmap_size
+  k = parsers.NUM_JOINTS
+  return {
+      'frames': np.zeros((1 + len(data_cfg.window), out_h, out_w, 3), np.float32),
+      'target': np.zeros((hh, hw, k), np.float32), 'target_weight': np.zeros(k, np.float32),
+      'mask': np.float32(0.0), 'center': np.zeros(2, np.float32),
+      'scale': np.ones(2, np.float32), 'rotation': np.float32(0.0),
+      'box_score': np.float32(0.0), 'image_id': np.int64(-1), 'video_index': np.int32(-1),
+      'frame_index': np.int32(-1), 'degraded': np.int32(0),
+  }
+
+
+def _stack(examples):
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def _check_window(data_cfg):
+  if tuple(data_cfg.window) != ptb.WINDOW:
+    raise ValueError(f'config.data.window={tuple(data_cfg.window)}: the built records hold the '
+                     f'window {ptb.WINDOW}')
+
+
+def _process_slice(global_batch_size, process_index, process_count, device_count):
+  import jax  # pylint: disable=g-import-not-at-top  (only for the topology defaults)
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  device_count = jax.device_count() if device_count is None else device_count
+  if global_batch_size % device_count:
+    raise ValueError(f'global batch size {global_batch_size} is not divisible by the device '
+                     f'count {device_count}')
+  if global_batch_size % process_count:
+    raise ValueError(f'global batch size {global_batch_size} is not divisible by the process '
+                     f'count {process_count}')
+  per = global_batch_size // process_count
+  return process_index * per, per
+
+
+# --- Training ----------------------------------------------------------------------------
+
+
+class TrainData:
+  """Deterministic training batches: example g = step * B + i uses permutation epoch g // N."""
+
+  def __init__(self, data_cfg, global_batch_size, seed, *, split='train', process_index=None,
+               process_count=None, device_count=None, records=None):
+    _check_window(data_cfg)
+    self.cfg = data_cfg
+    self.seed = int(seed)
+    self.global_batch_size = int(global_batch_size)
+    self.offset, self.local_batch_size = _process_slice(
+        self.global_batch_size, process_index, process_count, device_count)
+    self.manual_dir = os.path.abspath(os.path.expanduser(data_cfg.manual_dir))
+    self.records = load_records(data_cfg, split) if records is None else records
+    # Persons worth a training example: a positive-area box and an annotated joint.
+    self.index = [(r, p) for r, rec in enumerate(self.records)
+                  for p in range(len(rec['bbox']))
+                  if rec['bbox'][p, 2] > 0 and rec['bbox'][p, 3] > 0
+                  and (rec['keypoints'][p, :, 2] > 0).any()]
+    if not self.index:
+      raise BadInputError(f'{self.manual_dir}: the {split} split has no annotated person')
+    self.skipped = 0
+    self._lock = threading.Lock()
+    self._perms = collections.OrderedDict()
+    self._pool = concurrent.futures.ThreadPoolExecutor(max(1, data_cfg.num_workers))
+
+  @property
+  def num_examples(self):
+    return len(self.index)
+
+  def _perm(self, epoch):
+    with self._lock:
+      if epoch not in self._perms:
+        rng = np.random.default_rng([self.seed, epoch])
+        self._perms[epoch] = rng.permutation(len(self.index))
+        while len(self._perms) > 3:
+          self._perms.popitem(last=False)
+      return self._perms[epoch]
+
+  def example(self, g):
+    """The training example at global position g (a pure function of seed and g)."""
+    n = len(self.index)
+    epoch, pos = divmod(int(g), n)
+    perm = self._perm(epoch)
+    for attempt in range(n):
+      r, p = self.index[perm[(pos + attempt) % n]]
+      rec = self.records[r]
+      rng = np.random.default_rng([self.seed, int(g), attempt])
+      try:
+        return make_example(self.cfg, self.manual_dir, rec, rec['bbox'][p],
+                            rec['keypoints'][p].astype(np.float64), rng)
+      except BadInputError as e:
+        if self.cfg.on_bad_input != 'skip':
+          raise
+        with self._lock:
+          self.skipped += 1
+        logging.warning('skipped training example (%d so far): %s', self.skipped, e)
+    raise BadInputError(f'{self.manual_dir}: every training example failed to load')
+
+  def batch(self, step):
+    """This process's slice of the global batch of `step`."""
+    start = int(step) * self.global_batch_size + self.offset
+    examples = list(self._pool.map(self.example, range(start, start + self.local_batch_size)))
+    return _stack(examples)
+
+  def iterator(self, start_step=0):
+    """Batches for start_step, start_step + 1, ... computed `prefetch` steps ahead."""
+    ahead = concurrent.futures.ThreadPoolExecutor(1)
+    pending = collections.deque()
+    step = int(start_step)
+    try:
+      while True:
+        while len(pending) <= max(0, self.cfg.prefetch):
+          pending.append(ahead.submit(self.batch, step + len(pending)))
+        yield pending.popleft().result()
+        step += 1
+    finally:
+      for f in pending:
+        f.cancel()
+      ahead.shutdown(wait=False)
+
+
+# --- Evaluation --------------------------------------------------------------------------
+
+
+class EvalData:
+  """Every val person box once: detector boxes (score >= det_score_thresh) or GT boxes."""
+
+  def __init__(self, data_cfg, global_batch_size, *, split='val', process_index=None,
+               process_count=None, device_count=None, records=None):
+    _check_window(data_cfg)
+    self.cfg = data_cfg
+    self.global_batch_size = int(global_batch_size)
+    self.offset, self.local_batch_size = _process_slice(
+        self.global_batch_size, process_index, process_count, device_count)
+    self.manual_dir = os.path.abspath(os.path.expanduser(data_cfg.manual_dir))
+    self.records = load_records(data_cfg, split) if records is None else records
+    self.items = []  # (record index, box [4], score, person index or -1)
+    use_gt = data_cfg.use_gt_boxes_for_val
+    if not use_gt and not any(len(r['det_boxes']) for r in self.records):
+      raise BadInputError(
+          f'{self.manual_dir}: the {split} records have no detector boxes; set '
+          'config.data.det_boxes to a box file or config.data.use_gt_boxes_for_val=True')
+    for i, rec in enumerate(self.records):
+      if use_gt:
+        for p, box in enumerate(rec['bbox']):
+          if box[2] > 0 and box[3] > 0:
+            self.items.append((i, box, 1.0, p))
+      else:
+        for b in rec['det_boxes']:
+          if b[4] >= data_cfg.det_score_thresh and b[2] > 0 and b[3] > 0:
+            self.items.append((i, b[:4], float(b[4]), -1))
+    self.skipped = 0
+    self._lock = threading.Lock()
+    self._pool = concurrent.futures.ThreadPoolExecutor(max(1, data_cfg.num_workers))
+
+  @property
+  def num_boxes(self):
+    return len(self.items)
+
+  @property
+  def num_batches(self):
+    return -(-len(self.items) // self.global_batch_size)
+
+  def example(self, j):
+    if j >= len(self.items):
+      return _empty_example(self.cfg)
+    r, box, score, p = self.items[j]
+    rec = self.records[r]
+    joints = (rec['keypoints'][p].astype(np.float64) if p >= 0
+              else np.zeros((parsers.NUM_JOINTS, 3)))
+    try:
+      return make_example(self.cfg, self.manual_dir, rec, box, joints, None, score)
+    except BadInputError as e:
+      if self.cfg.on_bad_input != 'skip':
+        raise
+      with self._lock:
+        self.skipped += 1
+      logging.warning('skipped eval box (%d so far; masked out): %s', self.skipped, e)
+      return _empty_example(self.cfg)
+
+  def batch(self, i):
+    start = int(i) * self.global_batch_size + self.offset
+    return _stack(list(self._pool.map(self.example,
+                                      range(start, start + self.local_batch_size))))
+
+  def __iter__(self):
+    for i in range(self.num_batches):
+      yield self.batch(i)
