@@ -48,6 +48,7 @@ from configs import common
 MIN_SCORE = -9999.0   # poseval's score for a predicted joint without a score.
 MAX_TRACK_ID = 10000  # poseval rejects track ids at or above this.
 DIST_THRESH = 0.5     # In head sizes.
+CHUNK_ELEMENTS = 1 << 21  # Padded (frame, pred, GT, joint) entries matched at once.
 NUM_POSEVAL_JOINTS = len(common.POSEVAL_JOINT_NAMES)
 
 # 2018 landmark name -> poseval joint id (neck is called head_bottom in the files).
@@ -469,7 +470,7 @@ def _match_chunk(gt, pr, g_lo, g_hi, p_lo, p_hi, f0, nf):
   return labels
 
 
-def _match(gt, pr, num_frames, budget=1 << 21):
+def _match(gt, pr, num_frames):
   """Labels of every predicted joint, bool [len(pr.frame), 15]."""
   labels = np.zeros(pr.has.shape, bool)
   g_count = np.bincount(gt.frame, minlength=num_frames)
@@ -482,7 +483,7 @@ def _match(gt, pr, num_frames, budget=1 << 21):
     if f < num_frames:
       ng, npr = max(g_count[f], 1), max(p_count[f], 1)
       cost = (f - f0 + 1) * max(gmax, ng) * max(pmax, npr) * NUM_POSEVAL_JOINTS
-      if cost <= budget or f == f0:
+      if cost <= CHUNK_ELEMENTS or f == f0:
         gmax, pmax = max(gmax, ng), max(pmax, npr)
         continue
     p_lo, p_hi = p_start[f0], p_start[f]
