@@ -1,0 +1,85 @@
+"""`python -m tdmi_jax.evaluate`: table, --json_out schema, clear errors."""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from configs import common
+from tdmi_jax import evaluate
+from tdmi_jax.evaluation import posetrack_map
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_cli_prints_table_and_writes_json(poseval_golden, tmp_path):
+  case = poseval_golden / 'case3'
+  out = tmp_path / 'eval_results.json'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'tdmi_jax.evaluate', '--gt_dir', str(case / 'gt'),
+       '--pred_dir', str(case / 'pred'), '--json_out', str(out)],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  expected = json.loads((case / 'expected.json').read_text())
+  lines = proc.stdout.splitlines()
+  header = next(i for i, l in enumerate(lines) if 'Head' in l)
+  assert lines[header].split('&')[1:] == [
+      ' Head ', ' Shou ', ' Elb  ', ' Wri  ', ' Hip  ', ' Knee ', ' Ankl ', ' Total\\\\']
+  row = [float(c.strip(' \\')) for c in lines[header + 1].split('&')[1:]]
+  assert row == [round(expected['summary'][c], 1) for c in evaluate.COLUMNS]
+  assert '# evaluated frames: 27' in proc.stdout
+
+  written = json.loads(out.read_text())
+  assert list(written) == ['summary', 'per_joint', 'num_frames']
+  assert list(written['summary']) == list(evaluate.COLUMNS)
+  assert list(written['per_joint']) == list(common.POSEVAL_JOINT_NAMES)
+  assert written['num_frames'] == 27
+  for k, v in expected['per_joint'].items():
+    assert written['per_joint'][k] == pytest.approx(v, abs=1e-6)
+  # The library API returns the same dict.
+  api = posetrack_map.evaluate_dirs(str(case / 'gt'), str(case / 'pred'))
+  assert api == written
+
+
+def test_cli_missing_prediction_names_videos(poseval_golden, tmp_path, capsys):
+  pred = tmp_path / 'pred'
+  shutil.copytree(poseval_golden / 'case3' / 'pred', pred)
+  (pred / '000102_mpii_test.json').unlink()
+  (pred / '000103_mpiinew_test.json').unlink()
+  out = tmp_path / 'r.json'
+  rc = evaluate.main(['--gt_dir', str(poseval_golden / 'case3' / 'gt'),
+                      '--pred_dir', str(pred), '--json_out', str(out)])
+  assert rc != 0
+  err = capsys.readouterr().err
+  assert '000102_mpii_test.json' in err and '000103_mpiinew_test.json' in err
+  assert not out.exists()
+
+
+def test_cli_malformed_and_frame_mismatch(poseval_golden, tmp_path, capsys):
+  pred = tmp_path / 'pred'
+  shutil.copytree(poseval_golden / 'case3' / 'pred', pred)
+  bad = pred / '000101_mpii_test.json'
+  bad.write_text('{"images": [}')
+  gt = str(poseval_golden / 'case3' / 'gt')
+  assert evaluate.main(['--gt_dir', gt, '--pred_dir', str(pred)]) != 0
+  assert f'{bad}: malformed JSON' in capsys.readouterr().err
+
+  data = json.loads((poseval_golden / 'case3' / 'pred' / bad.name).read_text())
+  data['images'] = data['images'][:-1]
+  bad.write_text(json.dumps(data))
+  assert evaluate.main(['--gt_dir', gt, '--pred_dir', str(pred)]) != 0
+  err = capsys.readouterr().err
+  assert str(bad) in err and '19 prediction frames' in err and '20' in err
+
+
+def test_nan_joint_written_as_null(tmp_path):
+  result = posetrack_map.summarize([float('nan')] + [50.0] * 14)
+  result['num_frames'] = 1
+  evaluate.write_json(result, tmp_path / 'r.json')
+  written = json.loads((tmp_path / 'r.json').read_text())
+  assert written['per_joint']['right_ankle'] is None
+  assert written['summary']['Ankl'] is None
+  assert written['summary']['Total'] == 50.0
