@@ -361,7 +361,7 @@ def _detections(rng, plan, t, size):
     out.append(((cx - w / 2, cy - h / 2, w, h), score))
   for _ in range(int(rng.poisson(0.5))):
     h = rng.uniform(0.15, 0.45) * height
-    w = h * rng.uniform(0.35, 0.7)
+    w = min(h * rng.uniform(0.35, 0.7), 0.9 * width)
     out.append(((rng.uniform(0, width - w), rng.uniform(0, height - h), w, h),
                 rng.uniform(0.02, 0.3)))
   boxes = []
