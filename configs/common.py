@@ -116,6 +116,7 @@ def data_config(name='synthetic'):
   c.on_bad_input = 'error'       # 'error' | 'skip' (skip and count in the log).
   c.missing_support_frame = 'error'  # 'error' | 'key_frame' (window file absent on disk).
   c.num_workers = 2              # Decode/crop threads.
+  c.jpeg_draft = True            # Decode JPEGs at 1/2..1/8 size when the crop shrinks that much.
   c.prefetch = 2                 # Training batches prepared ahead.
   c.augment = ml_collections.ConfigDict()
   c.augment.enabled = True

@@ -22,6 +22,8 @@ Entry points (batch layout: CONTRACTS.md "Data"):
     `.skipped` and the log.
   missing_support_frame: 'error' | 'key_frame' (window files absent on disk, e.g. trimmed copies).
   num_workers: decode/crop threads; prefetch: batches prepared ahead by `iterator`.
+  jpeg_draft: decode a JPEG at 1/k size (k = 2, 4, 8; libjpeg's DCT scaling) when the crop
+    maps >= k source pixels onto one crop pixel: same detail, much less decoding.
   augment.*: SPEC §7 augmentation switches (train only).
 """
 
@@ -113,7 +115,7 @@ def val_gt_dir(data_cfg):
 # --- One example -------------------------------------------------------------------------
 
 
-def _load_crop(path, m, out_wh):
+def _load_crop(path, m, out_wh, draft=True):
   """Decodes `path` (JPEG draft mode when the crop downsamples) and warps it to out_wh."""
   try:
     with Image.open(path) as im:
@@ -123,7 +125,7 @@ def _load_crop(path, m, out_wh):
       k = 1
       while k * 2 <= min(src_per_out, 8.0):
         k *= 2
-      if k > 1 and im.format == 'JPEG':
+      if draft and k > 1 and im.format == 'JPEG':
         im.draft('RGB', (-(-w // k), -(-h // k)))
       im.load()
       sx = 2.0 ** round(math.log2(w / im.size[0]))
@@ -152,7 +154,8 @@ def make_example(data_cfg, manual_dir, rec, box, joints, rng=None, box_score=1.0
   frames = []
   for rel in rec['window_files']:
     if rel not in decoded:
-      decoded[rel] = _load_crop(os.path.join(manual_dir, rel), m_pixels, (out_w, out_h))
+      decoded[rel] = _load_crop(os.path.join(manual_dir, rel), m_pixels, (out_w, out_h),
+                                data_cfg.jpeg_draft)
     frames.append(decoded[rel])
   frames = transforms.normalize(np.stack(frames))
   target, weight = transforms.heatmap_targets(
