@@ -1,0 +1,158 @@
+"""Prediction files for poseval: one 2018-format JSON per GT video (SPEC §8).
+
+`write_predictions(predictions, gt_dir, out_dir)` mirrors `gt_dir`: for every GT file it
+writes `out_dir/<same name>` whose `images` are the GT's frames in the GT's order (poseval
+pairs frames by position) and whose `annotations` are the predictions of those frames:
+`keypoints` [51] (x, y, 1), `scores` [17], `score`, `track_id`. A frame without any
+prediction gets one dummy person whose only point is the right ankle at (0, 0) with score
+-100, which sinks to the bottom of the ranking and so leaves the AP unchanged.
+
+A predicted joint given as exactly (0, 0, 0) is written as an unannotated landmark (0, 0, 0),
+which poseval reads as "no prediction for this joint".
+
+`predictions` is CONTRACTS.md's `{image_id: [{'keypoints': [17, 3] (x, y, score), 'score':
+float, 'track_id': int}, ...]}`. Image ids are the GT's `images[].id` (2018 files) or, for
+2017 annolist files, PoseTrack18's id rule on the image name (datasets.posetrack.parsers).
+"""
+
+import json
+import os
+
+from absl import logging
+import numpy as np
+
+from configs import common
+from datasets.posetrack import parsers
+from tdmi_jax.evaluation import posetrack_map
+
+DUMMY_SCORE = -100.0
+
+
+def _category():
+  return [{'supercategory': 'person', 'id': 1, 'name': 'person',
+           'keypoints': list(common.JOINT_NAMES),
+           'skeleton': [[a + 1, b + 1] for a, b in common.SKELETON]}]
+
+
+def gt_frames(data, path):
+  """The GT file's frames in order, as image dicts {'id', 'file_name', ...}."""
+  if isinstance(data, dict) and 'annolist' in data:
+    frames = []
+    for f, entry in enumerate(data['annolist'] or []):
+      try:
+        name = posetrack_map._first(entry['image'])['name']
+        seq = os.path.basename(os.path.dirname(name))
+        image_id = parsers.posetrack_image_id(seq, parsers.frame_index_of(name))
+      except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise posetrack_map.EvalInputError(
+            f'{path}: annolist[{f}] has no usable image name ({e!r})') from None
+      frames.append({'id': image_id, 'file_name': name})
+    return frames
+  images = data.get('images') if isinstance(data, dict) else None
+  if not isinstance(images, list) or not all(isinstance(i, dict) and 'id' in i
+                                             for i in images):
+    raise posetrack_map.EvalInputError(
+        f'{path}: expected a 2018-format file with "images" (each with an "id") or a 2017 '
+        '"annolist"')
+  keep = ('id', 'file_name', 'frame_id', 'vid_id', 'nframes', 'is_labeled')
+  return [{k: im[k] for k in keep if k in im} for im in images]
+
+
+def _dummy(image_id):
+  kp = np.zeros((common.NUM_JOINTS, 3))
+  scores = np.zeros(common.NUM_JOINTS)
+  ankle = common.JOINT_NAMES.index('right_ankle')
+  kp[ankle, 2] = 1
+  scores[ankle] = DUMMY_SCORE
+  return {'image_id': image_id, 'category_id': 1, 'keypoints': kp.ravel().tolist(),
+          'scores': scores.tolist(), 'score': 0.0, 'track_id': 0}
+
+
+def _annotation(image_id, person, track_id):
+  kp = np.asarray(person['keypoints'], np.float64).reshape(common.NUM_JOINTS, 3)
+  if not np.isfinite(kp).all():
+    raise ValueError(f'image {image_id}: non-finite keypoints in a prediction')
+  absent = (kp == 0).all(axis=1)
+  out = np.concatenate([kp[:, :2], (~absent)[:, None].astype(np.float64)], axis=1)
+  return {'image_id': image_id, 'category_id': 1, 'keypoints': out.ravel().tolist(),
+          'scores': kp[:, 2].tolist(), 'score': float(person.get('score', 0.0)),
+          'track_id': int(track_id)}
+
+
+def _track_ids(people):
+  """Track ids as given, made unique within the frame (poseval rejects duplicates)."""
+  ids = [p.get('track_id') for p in people]
+  used = {int(t) for t in ids if t is not None}
+  seen, out, nxt = set(), [], 0
+  for t in ids:
+    if t is None or int(t) in seen:
+      while nxt in used or nxt in seen:
+        nxt += 1
+      t = nxt
+    seen.add(int(t))
+    out.append(int(t))
+  return out
+
+
+def write_predictions(predictions, gt_dir, out_dir):
+  """Writes one prediction JSON per GT video of gt_dir into out_dir.
+
+  Returns {'videos', 'frames', 'dummy_frames', 'unused_images'} counts; predictions for
+  image ids that no GT frame has are not written (and counted in 'unused_images').
+  """
+  files = posetrack_map.gt_files(gt_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  predictions = {int(k): v for k, v in predictions.items()}
+  seen = set()
+  stats = {'videos': 0, 'frames': 0, 'dummy_frames': 0}
+  renumbered = 0
+  for path in files:
+    frames = gt_frames(posetrack_map.load_json(path), path)
+    annotations = []
+    for im in frames:
+      image_id = int(im['id'])
+      people = predictions.get(image_id) or []
+      seen.add(image_id)
+      if not people:
+        annotations.append(_dummy(image_id))
+        stats['dummy_frames'] += 1
+        continue
+      tracks = _track_ids(people)
+      renumbered += sum(t != p.get('track_id') for t, p in zip(tracks, people))
+      annotations.extend(_annotation(image_id, p, t) for p, t in zip(people, tracks))
+    out = {'images': frames, 'annotations': annotations, 'categories': _category()}
+    dst = os.path.join(out_dir, os.path.basename(path))
+    tmp = dst + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(out, f)
+    os.replace(tmp, dst)
+    stats['videos'] += 1
+    stats['frames'] += len(frames)
+  if renumbered:
+    logging.warning('write_predictions: %d missing or repeated track ids were renumbered '
+                    'to be unique within their frame', renumbered)
+  stats['unused_images'] = len(set(predictions) - seen)
+  if predictions and stats['unused_images'] == len(predictions):
+    raise posetrack_map.EvalInputError(
+        f'{gt_dir}: none of the {len(predictions)} predicted image ids is a frame of these '
+        'GT files (image ids must be the GT images[].id)')
+  if stats['unused_images']:
+    logging.warning('write_predictions: predictions for %d image ids that no GT file in %s '
+                    'lists were not written', stats['unused_images'], gt_dir)
+  return stats
+
+
+def gt_as_predictions(gt_dir, score=1.0):
+  """The GT people of gt_dir in the writer's input form (annotated joints at `score`)."""
+  preds = {}
+  for path in posetrack_map.gt_files(gt_dir):
+    data = posetrack_map.load_json(path)
+    if 'annolist' in data:
+      raise posetrack_map.EvalInputError(f'{path}: gt_as_predictions reads 2018 files only')
+    for ann in data.get('annotations') or []:
+      kp = np.asarray(ann['keypoints'], np.float64).reshape(common.NUM_JOINTS, 3)
+      annotated = ~((kp[:, 0] == 0) & (kp[:, 1] == 0) & (kp[:, 2] == 0))
+      kp[:, 2] = np.where(annotated, score, 0.0)
+      preds.setdefault(int(ann['image_id']), []).append(
+          {'keypoints': kp, 'score': score, 'track_id': ann.get('track_id')})
+  return preds
