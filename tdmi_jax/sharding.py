@@ -1,0 +1,95 @@
+"""Device mesh and array placement for data-parallel training.
+
+One mesh axis, 'data': the batch is split along it and everything else (parameters,
+BatchNorm statistics, optimizer state) is replicated. This works unchanged for one CPU,
+several simulated CPU devices, a GPU box and a multi-host TPU pod: each process only ever
+holds the rows of the global batch that belong to its own devices.
+"""
+
+import os
+
+import jax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+DATA_AXIS = 'data'
+
+
+def maybe_initialize_distributed(requested=False):
+  """Calls jax.distributed.initialize() when asked to by the config or the environment.
+
+  On Cloud TPU and under SLURM/Open MPI, JAX discovers the coordinator by itself; elsewhere
+  set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (read by JAX).
+  Returns True when it initialised.
+  """
+  env = os.environ.get('TDMI_DISTRIBUTED', '').lower() in ('1', 'true', 'yes')
+  env = env or 'JAX_COORDINATOR_ADDRESS' in os.environ
+  if not (requested or env):
+    return False
+  jax.distributed.initialize()
+  return True
+
+
+def make_mesh(devices=None):
+  """A 1-D mesh over all (global) devices, axis 'data'."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, P())
+
+
+def data_sharded(mesh):
+  """Leading (batch) dimension split over 'data', the rest whole."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size, mesh, what='batch_size'):
+  """Global batch must split evenly over devices and processes."""
+  n = mesh.devices.size
+  if global_batch_size % n:
+    raise ValueError(
+        f'config.{what}={global_batch_size} is not divisible by the number of devices '
+        f'({n}); choose a multiple of {n}.')
+  if global_batch_size % jax.process_count():
+    raise ValueError(
+        f'config.{what}={global_batch_size} is not divisible by the number of processes '
+        f'({jax.process_count()}).')
+  return global_batch_size // jax.process_count()
+
+
+def shard_batch(local_batch, mesh, keys=None):
+  """Host-local numpy batch -> global jax.Arrays sharded over 'data'.
+
+  Each process passes only its own rows (local batch = global / process_count); with a
+  single process this is simply the whole batch split over the local devices.
+  """
+  sharding = data_sharded(mesh)
+  keys = local_batch.keys() if keys is None else keys
+  return {
+      k: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[k]))
+      for k in keys
+  }
+
+
+def replicate(tree, mesh):
+  """Places a host pytree replicated on every device of the mesh."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def to_host(tree):
+  """Fully replicated (or fully addressable) jax.Arrays -> numpy, on every process."""
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree_util.tree_map(get, tree)
+
+
+def is_writer():
+  """Only process 0 writes logs, configs and other plain files."""
+  return jax.process_index() == 0
