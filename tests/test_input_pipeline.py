@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import common
 from datasets.posetrack import fake_data
@@ -329,3 +330,24 @@ def test_synthetic_end_to_end(synthetic, tmp_path):
   ev2 = input_pipeline.EvalData(cfg2, 4, **ONE)
   assert [(i[0], i[2]) for i in ev2.items] == [(i[0], i[2]) for i in ev.items]
   np.testing.assert_allclose([i[1] for i in ev2.items], [i[1] for i in ev.items], atol=1e-3)
+
+
+def test_jpeg_draft_decoding_matches_box_downsampling(pt18_real, tmp_path):
+  cfg = _cfg(pt18_real, tmp_path, missing_support_frame='key_frame', use_gt_boxes_for_val=True)
+  cfg.image_size, cfg.heatmap_size = (96, 72), (24, 18)
+  recs = input_pipeline.load_records(cfg, 'val')
+  rec = recs[0]  # 003418: one person filling most of a 1920x1080 frame -> 1/8 decode
+  assert rec['bbox'][0, 2] > 1000
+  ex = input_pipeline.make_example(cfg, str(pt18_real), rec, rec['bbox'][0],
+                                   rec['keypoints'][0].astype(float))
+  # Reference: full decode, 8x8 box average (what DCT scaling computes), same crop geometry.
+  m = transforms.affine_matrix(ex['center'], ex['scale'], 0.0, (72, 96))
+  with Image.open(pt18_real / rec['window_files'][2]) as im:
+    ref = transforms.warp_image(im.convert('RGB').reduce(8), m, (72, 96),
+                                image_scale=(8.0, 8.0))
+  ref = transforms.normalize(ref)
+  pad = transforms.normalize(np.zeros((1, 1, 3), np.uint8))[0, 0]
+  inside = np.any(np.abs(ref - pad) > 1e-3, axis=-1)  # crop pixels inside the image
+  assert inside.mean() > 0.3
+  diff = np.abs(ex['frames'][2] - ref)[inside] * 0.226 * 255  # back to 0..255 levels
+  assert diff.mean() < 1.5, diff.mean()  # measured 0.2

@@ -1,0 +1,122 @@
+r"""Input pipeline throughput and dataset size (figures for BENCHMARKS.md "Input pipeline").
+
+  python benchmarks/input_bench.py [--batch 8] [--steps 4] [--workers 2] [--work /tmp/ib]
+
+Two datasets, both built through the posetrack TFDS builder:
+- synthetic: `tdmi_jax.data.synthesize` default preset (320x240 frames);
+- full-HD: a PoseTrack18-layout video made of the real 1920x1080 fixture frames
+  (../shared/fixtures/posetrack18_real, cycled) with their real GT persons, so every example
+  decodes five distinct full-HD JPEGs as on PoseTrack.
+Prints per dataset: array_record bytes per labeled frame, the JPEG bytes the same window would
+take if stored in the record, record reads/s (random access via tfds data_source), and
+training examples/s (5 frames at 384x288, augmentation on) with JPEG draft decoding on and off.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import numpy as np  # noqa: E402
+
+from configs import common  # noqa: E402
+from tdmi_jax import input_pipeline  # noqa: E402
+
+FIXTURE = ROOT.parent / 'shared' / 'fixtures' / 'posetrack18_real'
+
+
+def full_hd_dataset(root, nframes=60):
+  """images/train/000100_bench/%06d.jpg -> the fixture's frames cycled, with their GT."""
+  ann_dir = FIXTURE / 'annotations' / 'val'
+  sources = []
+  for p in sorted(ann_dir.glob('*.json')):
+    d = json.loads(p.read_text())
+    sources.append((FIXTURE / d['images'][0]['file_name'], d['images'][0], d['annotations']))
+  seq = '000100_bench'
+  (root / 'images' / 'train' / seq).mkdir(parents=True, exist_ok=True)
+  images, anns = [], []
+  for i in range(nframes):
+    src, im, src_anns = sources[i % len(sources)]
+    dst = root / 'images' / 'train' / seq / f'{i:06d}.jpg'
+    if not dst.exists():
+      os.symlink(src, dst)
+    image_id = int(f'1000100{i:04d}')
+    labeled = 2 <= i < nframes - 2  # every labeled frame has a full five-frame window
+    images.append({'id': image_id, 'file_name': f'images/train/{seq}/{i:06d}.jpg',
+                   'nframes': nframes, 'vid_id': '000100', 'is_labeled': labeled,
+                   'width': im['width'], 'height': im['height']})
+    if labeled:
+      for j, a in enumerate(src_anns):
+        anns.append(dict(a, image_id=image_id, id=image_id * 100 + j))
+  (root / 'annotations' / 'train').mkdir(parents=True, exist_ok=True)
+  (root / 'annotations' / 'train' / f'{seq}.json').write_text(
+      json.dumps({'images': images, 'annotations': anns, 'categories': []}))
+
+
+def measure(name, manual_dir, data_dir, batch, steps, workers):
+  cfg = common.data_config('posetrack18' if name == 'full-HD' else 'synthetic')
+  cfg.manual_dir = str(manual_dir)
+  cfg.data_dir = str(data_dir)
+  cfg.num_workers = workers
+  t0 = time.perf_counter()
+  builder = input_pipeline.get_builder(cfg)
+  build_s = time.perf_counter() - t0
+  src = builder.as_data_source('train')
+  n = len(src)
+  files = list(pathlib.Path(builder.data_dir).glob('*-train.array_record*'))
+  rec_bytes = sum(f.stat().st_size for f in files) / n
+  rng = np.random.default_rng(0)
+  order = rng.integers(0, n, 2000)
+  t0 = time.perf_counter()
+  for i in order:
+    src[int(i)]
+  reads_per_s = len(order) / (time.perf_counter() - t0)
+  recs = input_pipeline.load_records(cfg, 'train')
+  jpeg_bytes = np.mean([sum(os.path.getsize(os.path.join(cfg.manual_dir, f))
+                            for f in set(r['window_files'])) for r in recs])
+  print(f'[{name}] {n} labeled train frames, build {build_s:.1f} s')
+  print(f'[{name}] array_record bytes per labeled frame: {rec_bytes:.0f} '
+        f'(window JPEGs if stored as bytes: {jpeg_bytes:.0f})')
+  print(f'[{name}] record reads/s (random access, data_source): {reads_per_s:.0f}')
+  for draft in (True, False):
+    cfg.jpeg_draft = draft
+    data = input_pipeline.TrainData(cfg, batch, seed=0, process_index=0, process_count=1,
+                                    device_count=1, records=recs)
+    data.batch(0)  # warm up (thread start, page cache)
+    t0 = time.perf_counter()
+    for s in range(1, steps + 1):
+      b = data.batch(s)
+    dt = time.perf_counter() - t0
+    assert b['frames'].shape == (batch, 5, 384, 288, 3)
+    print(f'[{name}] train examples/s (5x384x288, augment, {workers} threads, '
+          f'jpeg_draft={draft}): {steps * batch / dt:.1f}  ({dt / steps:.2f} s per batch '
+          f'of {batch})')
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--steps', type=int, default=4)
+  parser.add_argument('--workers', type=int, default=2)
+  parser.add_argument('--work', default='/tmp/input_bench')
+  args = parser.parse_args()
+  work = pathlib.Path(args.work)
+  synth = work / 'synthetic'
+  if not (synth / 'annotations').is_dir():
+    from tdmi_jax.data import synthesize  # pylint: disable=g-import-not-at-top
+    synthesize.generate(str(synth), overwrite=True)
+  measure('synthetic', synth, work / 'tfds', args.batch, args.steps, args.workers)
+  hd = work / 'full_hd'
+  full_hd_dataset(hd)
+  measure('full-HD', hd, work / 'tfds', args.batch, args.steps, args.workers)
+
+
+if __name__ == '__main__':
+  main()
