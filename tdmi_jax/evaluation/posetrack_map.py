@@ -39,6 +39,7 @@ dot product), so matches exactly at the 0.5 threshold agree bit for bit.
 import dataclasses
 import glob
 import json
+import numbers
 import os
 
 import numpy as np
@@ -184,16 +185,31 @@ def _read_2018(data, name):
   scores = np.full((n, len(slots)), MIN_SCORE)
   head = np.full((n, 4), np.nan)
   track = []
+  # Fast path: one array conversion for the whole file when every list is well formed.
+  try:
+    kps[:] = np.array([annotations[a]['keypoints'] for a in order],
+                      dtype=np.float64).reshape(n, num_kp, 3)
+    kp_done = True
+  except (KeyError, TypeError, ValueError):
+    kp_done = False
+  sc_lists = [annotations[a].get('scores') for a in order]
+  try:
+    full = [r for r, sc in enumerate(sc_lists) if sc and len(sc) == num_kp]
+    if full:
+      scores[full] = np.array([sc_lists[r] for r in full], dtype=np.float64)[:, slots]
+    sc_done = set(full)
+  except (TypeError, ValueError):
+    sc_done = set()
   for row, a in enumerate(order):
     ann = annotations[a]
-    kp = ann.get('keypoints')
-    try:
-      kps[row] = np.asarray(kp, dtype=np.float64).reshape(num_kp, 3)
-    except (TypeError, ValueError):
-      raise EvalInputError(
-          f'{name}: annotations[{a}].keypoints must hold {3 * num_kp} numbers') from None
-    sc = ann.get('scores')
-    if sc:
+    if not kp_done:
+      try:
+        kps[row] = np.asarray(ann.get('keypoints'), dtype=np.float64).reshape(num_kp, 3)
+      except (TypeError, ValueError):
+        raise EvalInputError(
+            f'{name}: annotations[{a}].keypoints must hold {3 * num_kp} numbers') from None
+    sc = sc_lists[row]
+    if sc and row not in sc_done:
       if len(sc) < num_kp:
         raise EvalInputError(f'{name}: annotations[{a}].scores has {len(sc)} values, '
                              f'needs {num_kp}')
@@ -300,7 +316,7 @@ def read_video(data, name='<memory>'):
 
 def _check_track_ids(video, is_pred):
   for t in video.track_id:
-    if t is not None and not (isinstance(t, (int, float)) and t < MAX_TRACK_ID):
+    if t is not None and not (isinstance(t, numbers.Real) and t < MAX_TRACK_ID):
       raise EvalInputError(f'{video.name}: track_id {t!r} must be a number below '
                            f'{MAX_TRACK_ID} (poseval rejects it)')
   if is_pred:
