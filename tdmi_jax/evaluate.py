@@ -17,6 +17,7 @@ import os
 import sys
 
 from tdmi_jax.evaluation import posetrack_map
+from tdmi_jax.evaluation import writer
 
 COLUMNS = ('Head', 'Shou', 'Elb', 'Wri', 'Hip', 'Knee', 'Ankl', 'Total')
 
@@ -42,6 +43,16 @@ def write_json(result, path):
   with open(tmp, 'w') as f:
     json.dump(_nan_to_none(result), f, indent=1)
   os.replace(tmp, path)
+
+
+def evaluate_predictions(predictions, gt_dir, pred_dir, json_out=None):
+  """Writes the prediction files (writer) into pred_dir, evaluates them against gt_dir and
+  optionally writes `json_out` (the CLI's schema). Returns the result dict."""
+  writer.write_predictions(predictions, gt_dir, pred_dir)
+  result = posetrack_map.evaluate_dirs(gt_dir, pred_dir)
+  if json_out:
+    write_json(result, json_out)
+  return result
 
 
 def main(argv=None):

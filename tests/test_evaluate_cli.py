@@ -11,6 +11,7 @@ import pytest
 from configs import common
 from tdmi_jax import evaluate
 from tdmi_jax.evaluation import posetrack_map
+from tdmi_jax.evaluation import writer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -83,3 +84,13 @@ def test_nan_joint_written_as_null(tmp_path):
   assert written['per_joint']['right_ankle'] is None
   assert written['summary']['Ankl'] is None
   assert written['summary']['Total'] == 50.0
+
+
+def test_evaluate_predictions_writes_files_and_results(pt18_real, tmp_path):
+  gt_dir = str(pt18_real / 'annotations' / 'val')
+  preds = writer.gt_as_predictions(gt_dir)
+  out = evaluate.evaluate_predictions(preds, gt_dir, str(tmp_path / 'pred'),
+                                      json_out=str(tmp_path / 'eval_results.json'))
+  assert out['summary']['Total'] == 100.0 and out['num_frames'] == 3
+  assert json.loads((tmp_path / 'eval_results.json').read_text()) == out
+  assert len(list((tmp_path / 'pred').iterdir())) == 3

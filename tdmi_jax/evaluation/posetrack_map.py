@@ -104,7 +104,7 @@ def load_json(path):
     raise EvalInputError(f'{path}: malformed JSON ({e})') from None
 
 
-def _first(value):
+def first_value(value):
   """Unwraps the one-element lists of the 2017 format (and accepts bare values)."""
   if isinstance(value, (list, tuple)):
     return value[0] if value else None
@@ -112,7 +112,7 @@ def _first(value):
 
 
 def _number(value, what, name):
-  value = _first(value)
+  value = first_value(value)
   try:
     return float(value)
   except (TypeError, ValueError):
@@ -250,7 +250,7 @@ def _read_2017(data, name):
     rects.append(len(annorect))
     polys = []
     for region in fr.get('ignore_regions') or []:
-      pts = region.get('point') or [] if isinstance(region, dict) else []
+      pts = (region.get('point') or []) if isinstance(region, dict) else []
       polys.append(np.array(
           [[_number(p.get('x'), 'ignore point x', name),
             _number(p.get('y'), 'ignore point y', name)] for p in pts],
@@ -266,12 +266,12 @@ def _read_2017(data, name):
       pts = (ap[0]['point'] or []) if ok else []
       points = []
       for p in pts:
-        pid = _first(p.get('id'))
+        pid = first_value(p.get('id'))
         try:
           pid = float(pid)
         except (TypeError, ValueError):
           pid = np.nan
-        score = _first(p['score']) if 'score' in p else MIN_SCORE
+        score = first_value(p['score']) if 'score' in p else MIN_SCORE
         points.append((pid, _number(p.get('x'), 'point x', name),
                        _number(p.get('y'), 'point y', name),
                        _number(score, 'point score', name)))
@@ -282,7 +282,7 @@ def _read_2017(data, name):
         heads.append([np.nan] * 4)
       frame.append(f)
       has_points.append(ok)
-      track.append(_first(rect.get('track_id')))
+      track.append(first_value(rect.get('track_id')))
       point_lists.append(points)
   n = len(frame)
   m = max([len(p) for p in point_lists] + [1])

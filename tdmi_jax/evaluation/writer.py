@@ -40,7 +40,7 @@ def gt_frames(data, path):
     frames = []
     for f, entry in enumerate(data['annolist'] or []):
       try:
-        name = posetrack_map._first(entry['image'])['name']
+        name = posetrack_map.first_value(entry['image'])['name']
         seq = os.path.basename(os.path.dirname(name))
         image_id = parsers.posetrack_image_id(seq, parsers.frame_index_of(name))
       except (KeyError, TypeError, ValueError, IndexError) as e:
