@@ -180,9 +180,12 @@ def warp_image(image, m, output_size, resample=Image.BILINEAR, image_scale=(1.0,
 
 def normalize(frames_uint8):
   """uint8 RGB -> float32 with ImageNet mean/std."""
-  mean = np.asarray(common.IMAGENET_MEAN, np.float32) * 255.0
-  std = np.asarray(common.IMAGENET_STD, np.float32) * 255.0
-  return (frames_uint8.astype(np.float32) - mean) / std
+  inv_std = 1.0 / (np.asarray(common.IMAGENET_STD, np.float32) * 255.0)
+  shift = np.asarray(common.IMAGENET_MEAN, np.float32) * 255.0 * inv_std
+  out = frames_uint8.astype(np.float32)
+  out *= inv_std  # in place: this runs on every frame of every example
+  out -= shift
+  return out
 
 
 # --- Targets -----------------------------------------------------------------------------
