@@ -170,6 +170,11 @@ def test_box_file_naming_unknown_frames(tmp_path):
     _build(tmp_path / 'pt', tmp_path / 'tfds1')
   recs = _build(tmp_path / 'pt', tmp_path / 'tfds2', on_bad_input='skip')['val']
   assert len(recs[0]['det_boxes']) == len(dets) - 1
+  with pytest.raises(parsers.BadInputError, match='nope.json: file not found'):
+    _build(tmp_path / 'pt', tmp_path / 'tfds3', det_boxes='nope.json')
+  (tmp_path / 'pt' / 'bad.json').write_text('[{"image_id": 10000010001}]')
+  with pytest.raises(parsers.BadInputError, match='bad.json: entry 0 has no 4-number "bbox"'):
+    _build(tmp_path / 'pt', tmp_path / 'tfds4', det_boxes='bad.json')
 
 
 def test_dcpose_box_names_unknown_frame(tmp_path, pt18_real):
@@ -211,3 +216,18 @@ def test_missing_images(tmp_path):
   recs = _build(tmp_path / 'pt', tmp_path / 'tfds4', missing_support_frame='key_frame',
                 on_bad_input='skip')['val']
   assert [int(r['frame_index']) for r in recs] == [1]
+
+
+def test_posetrack21_layout_and_tfds_data_source(pt18_real, tmp_path):
+  """PoseTrack21 keeps per-video JSON in posetrack_data/; records read via tfds.data_source."""
+  root = tmp_path / 'pt21'
+  (root / 'posetrack_data').mkdir(parents=True)
+  os.symlink(pt18_real / 'annotations' / 'val', root / 'posetrack_data' / 'val')
+  os.symlink(pt18_real / 'images', root / 'images')
+  _build(root, tmp_path / 'tfds', name='pt21', kind='posetrack21',
+         missing_support_frame='key_frame')
+  src = tfds.data_source('posetrack/pt21', split='val', data_dir=str(tmp_path / 'tfds'))
+  recs = sorted((src[i] for i in range(len(src))), key=lambda r: int(r['image_id']))
+  assert [int(r['image_id']) for r in recs] == [10034180000, 10094730000, 10128340000]
+  assert [len(r['keypoints']) for r in recs] == [1, 2, 11]
+  assert recs[0]['gt_file'] == b'posetrack_data/val/003418_mpii_test.json'
