@@ -58,6 +58,10 @@ def builder_config(data_cfg):
   if not data_cfg.manual_dir:
     raise ValueError('config.data.manual_dir is empty: point it at the PoseTrack download '
                      '(or the output of `python -m tdmi_jax.data.synthesize --out DIR`)')
+  for field, allowed in (('on_bad_input', ('error', 'skip')),
+                         ('missing_support_frame', ('error', 'key_frame'))):
+    if data_cfg[field] not in allowed:
+      raise ValueError(f'config.data.{field}={data_cfg[field]!r}; allowed: {allowed}')
   kind = _KIND[data_cfg.name]
   manual_dir = os.path.abspath(os.path.expanduser(data_cfg.manual_dir))
   det = data_cfg.det_boxes
@@ -75,11 +79,23 @@ def get_builder(data_cfg):
   if not os.path.isdir(os.path.expanduser(data_cfg.manual_dir or '')):
     builder_config(data_cfg)  # raises the empty-field error first
     raise FileNotFoundError(f'config.data.manual_dir={data_cfg.manual_dir!r} does not exist')
+  import jax  # pylint: disable=g-import-not-at-top
   builder = ptb.Builder(config=builder_config(data_cfg), data_dir=data_cfg.data_dir or None)
-  builder.download_and_prepare(
+  prepare = lambda: builder.download_and_prepare(
       file_format='array_record',
       download_config=tfds.download.DownloadConfig(
           manual_dir=os.path.abspath(os.path.expanduser(data_cfg.manual_dir))))
+  if jax.process_count() > 1:
+    # Process 0 builds first so that hosts sharing a data_dir do not race; the others then
+    # find it built (or build their own local copy).
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if jax.process_index() == 0:
+      prepare()
+    multihost_utils.sync_global_devices(f'posetrack build {builder.builder_config.name}')
+    if jax.process_index() != 0:
+      prepare()
+  else:
+    prepare()
   return builder
 
 

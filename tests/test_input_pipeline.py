@@ -351,3 +351,17 @@ def test_jpeg_draft_decoding_matches_box_downsampling(pt18_real, tmp_path):
   assert inside.mean() > 0.3
   diff = np.abs(ex['frames'][2] - ref)[inside] * 0.226 * 255  # back to 0..255 levels
   assert diff.mean() < 1.5, diff.mean()  # measured 0.2
+
+
+def test_config_errors(tiny, tmp_path):
+  root, _ = tiny
+  with pytest.raises(ValueError, match='config.data.on_bad_input'):
+    input_pipeline.TrainData(_cfg(root, tmp_path, on_bad_input='skp'), 2, seed=0, **ONE)
+  with pytest.raises(ValueError, match='config.data.name'):
+    input_pipeline.load_records(_cfg(root, tmp_path, name='posetrack19'), 'val')
+  with pytest.raises(ValueError, match='manual_dir is empty'):
+    input_pipeline.load_records(_cfg('', tmp_path), 'val')
+  with pytest.raises(FileNotFoundError, match='does-not-exist'):
+    input_pipeline.load_records(_cfg(tmp_path / 'does-not-exist', tmp_path), 'val')
+  with pytest.raises(ValueError, match='window'):
+    input_pipeline.TrainData(_cfg(root, tmp_path, window=(-1, 1)), 2, seed=0, **ONE)
