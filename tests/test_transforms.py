@@ -177,3 +177,23 @@ def test_normalize():
   out = transforms.normalize(x)
   assert out.dtype == np.float32
   np.testing.assert_allclose(out, 0.0, atol=0.01)
+
+
+@pytest.mark.parametrize('rotation', [0.0, 25.0, -70.0])
+def test_affine_matches_the_three_point_construction(rotation):
+  """The HRNet/DCPose convention: crop centre, a point half a width above it, and a third point
+  at right angles define the transform (rotating the source direction by `rotation`)."""
+  center, scale, out_w, out_h = np.array([400.0, 300.0]), np.array([1.5, 2.0]), 288, 384
+  src_w = scale[0] * 200
+  r = np.deg2rad(rotation)
+  up = np.array([0, -0.5 * src_w])
+  src_dir = np.array([up[0] * np.cos(r) - up[1] * np.sin(r),
+                      up[0] * np.sin(r) + up[1] * np.cos(r)])
+  third = lambda a, b: b + np.array([-(a - b)[1], (a - b)[0]])
+  src = np.stack([center, center + src_dir, third(center, center + src_dir)])
+  d0 = np.array([out_w * 0.5, out_h * 0.5])
+  dst = np.stack([d0, d0 + [0, -0.5 * out_w], third(d0, d0 + [0, -0.5 * out_w])])
+  a = np.concatenate([src, np.ones((3, 1))], axis=1)
+  want = np.linalg.solve(a, dst).T
+  np.testing.assert_allclose(transforms.affine_matrix(center, scale, rotation, (out_w, out_h)),
+                             want, atol=1e-9)
