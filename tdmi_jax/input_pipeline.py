@@ -131,11 +131,14 @@ def val_gt_dir(data_cfg):
 # --- One example -------------------------------------------------------------------------
 
 
-def _load_crop(path, m, out_wh, draft=True):
+def _load_crop(path, m, out_wh, draft=True, expect_wh=None):
   """Decodes `path` (JPEG draft mode when the crop downsamples) and warps it to out_wh."""
   try:
     with Image.open(path) as im:
       w, h = im.size
+      if expect_wh is not None and (w, h) != tuple(expect_wh):
+        raise BadInputError(f'{path}: image is {w}x{h} but its annotation says '
+                            f'{expect_wh[0]}x{expect_wh[1]}')
       # Source pixels per crop pixel; decode at 1/k (k = 1, 2, 4, 8) without losing detail.
       src_per_out = 1.0 / math.sqrt(abs(np.linalg.det(np.asarray(m)[:, :2])))
       k = 1
@@ -147,6 +150,8 @@ def _load_crop(path, m, out_wh, draft=True):
       sx = 2.0 ** round(math.log2(w / im.size[0]))
       sy = 2.0 ** round(math.log2(h / im.size[1]))
       return transforms.warp_image(im, m, out_wh, image_scale=(sx, sy))
+  except BadInputError:
+    raise
   except FileNotFoundError:
     raise BadInputError(f'{path}: image not found') from None
   except (OSError, ValueError, SyntaxError) as e:
@@ -171,7 +176,7 @@ def make_example(data_cfg, manual_dir, rec, box, joints, rng=None, box_score=1.0
   for rel in rec['window_files']:
     if rel not in decoded:
       decoded[rel] = _load_crop(os.path.join(manual_dir, rel), m_pixels, (out_w, out_h),
-                                data_cfg.jpeg_draft)
+                                data_cfg.jpeg_draft, (img_w, img_h))
     frames.append(decoded[rel])
   frames = transforms.normalize(np.stack(frames))
   target, weight = transforms.heatmap_targets(

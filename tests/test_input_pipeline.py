@@ -365,3 +365,13 @@ def test_config_errors(tiny, tmp_path):
     input_pipeline.load_records(_cfg(tmp_path / 'does-not-exist', tmp_path), 'val')
   with pytest.raises(ValueError, match='window'):
     input_pipeline.TrainData(_cfg(root, tmp_path, window=(-1, 1)), 2, seed=0, **ONE)
+
+
+def test_image_size_disagreeing_with_annotation(tmp_path):
+  root = _fresh(tmp_path)
+  data = input_pipeline.TrainData(_cfg(root, tmp_path / 'tfds'), 3, seed=0, **ONE)
+  bad = root / 'images' / 'train' / '000001_a' / '000002.jpg'
+  Image.new('RGB', (50, 40)).save(bad)
+  with pytest.raises(input_pipeline.BadInputError, match='^/.*000002.jpg: image is 50x40 but '
+                     'its annotation says 96x72$'):
+    data.batch(0)
