@@ -93,3 +93,21 @@ def to_host(tree):
 def is_writer():
   """Only process 0 writes logs, configs and other plain files."""
   return jax.process_index() == 0
+
+
+def sync(name):
+  """Barrier across processes (a no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def local_rows(x):
+  """This process's rows of a batch-sharded array, as numpy (in global row order)."""
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  rows, seen = [], set()
+  for s in shards:
+    start = s.index[0].start or 0
+    if start not in seen:  # Replicas along other mesh axes hold the same rows.
+      seen.add(start)
+      rows.append(np.asarray(s.data))
+  return np.concatenate(rows, axis=0)

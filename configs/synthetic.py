@@ -1,0 +1,49 @@
+r"""The embedded default: synthesise a small PoseTrack-format dataset, train, evaluate (CPU).
+
+Command (from the repository root; the dataset is generated on first use under the
+workdir, then built into TFDS array_record files there):
+
+  python launch.py --config=configs/synthetic.py --workdir=runs/synthetic
+
+Smoke test (tiny dataset, a few steps; what tests/test_train.py runs):
+
+  python launch.py --config=configs/synthetic.py:runlocal --workdir=/tmp/synthetic_local
+
+There is no pretrained backbone for synthetic people, so here the tiny HRNet backbone is
+trained together with TDMI (model.backbone.frozen=False, BatchNorm 'live'); the PoseTrack
+configs keep the paper's frozen, COCO-pretrained backbone.
+
+Expected result (2-core CPU): see the "Expected" line at the end of this docstring, updated
+from a measured run.
+"""
+
+from configs import common
+from configs import posetrack18
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, variant='tiny', runlocal=False)
+  config = posetrack18.base_config('synthetic', arg.variant)
+  config.model.backbone.frozen = False
+  config.model.backbone.bn = 'live'
+  config.data.image_size = (128, 96)
+  config.data.heatmap_size = (32, 24)
+  config.data.sigma = 1.0            # SPEC's sigma=3 is for 96x72 heatmaps; scaled down.
+  # Arguments of tdmi_jax.data.synthesize.generate() when data.manual_dir is missing.
+  config.synthetic = dict(videos=22, frames=36, image_size=(240, 320), seed=0)
+  config.batch_size = 16
+  config.eval_batch_size = 32
+  config.num_epochs = 4.0
+  config.optim.decay_epochs = (3,)
+  config.log_every_steps = 20
+  config.eval_every_steps = 200
+  config.checkpoint.every_steps = 200
+  if arg.runlocal:
+    config.synthetic = dict(videos=2, frames=8, image_size=(96, 128), seed=0)
+    config.batch_size = 2
+    config.eval_batch_size = 4
+    config.num_train_steps = 4
+    config.log_every_steps = 1
+    config.eval_every_steps = 0
+    config.checkpoint.every_steps = 2
+  return config.lock()

@@ -1,0 +1,325 @@
+"""The training and evaluation driver: `train_and_evaluate(config, workdir, mode)`.
+
+One linear function, in sections: workdir and data, model and state, resume, the loop
+(progress bar, logs, periodic eval, checkpoints, signals, NaN guard), the end.
+
+Workdir layout:
+  config.json          the resolved config, written at the first start (process 0).
+  metrics.jsonl        one JSON object per log/eval event: {"step", "split", metrics...}.
+  tb/                  TensorBoard event files (tensorboardX).
+  checkpoints/<step>/  orbax: the train state and the data position.
+  data/                the synthetic dataset and its TFDS build (configs/synthetic.py only).
+"""
+
+import json
+import logging as std_logging
+import math
+import os
+import signal
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorboardX
+import tqdm
+
+from datasets.posetrack import posetrack_dataset_builder as ptb
+from tdmi_jax import checkpointing
+from tdmi_jax import input_pipeline
+from tdmi_jax import optim
+from tdmi_jax import sharding
+from tdmi_jax import state as state_lib
+from tdmi_jax import train_step as train_step_lib
+from tdmi_jax.models import mi
+from tdmi_jax.models import tdmi
+
+MODES = ('train', 'eval', 'train_and_eval')
+# Shown in the progress bar (when present), in this order.
+BAR_KEYS = (('loss', 'loss'), ('heatmap_loss', 'hm'), ('mi/L_motion', 'Lmot'),
+            ('mi/L_mm', 'Lmm'), ('mi/L_reg', 'Lreg'), ('grad_norm', 'gnorm'), ('lr', 'lr'))
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or Inf; the run stops without writing a checkpoint."""
+
+
+class _StopRequest:
+  """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    for s in (signal.SIGTERM, signal.SIGINT):
+      self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # A second Ctrl-C means now.
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops orbax's per-save INFO chatter (dozens of lines per checkpoint) from the log."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def prepare_data(config, workdir):
+  """Fills in data paths; synthesises the synthetic dataset on first use.
+
+  Real PoseTrack data is never downloaded: a missing manual_dir is an error that carries
+  the download instructions.
+  """
+  d = config.data
+  if d.name == 'synthetic':
+    if not d.manual_dir:
+      d.manual_dir = os.path.join(workdir, 'data', 'synthetic')
+    if not d.data_dir:
+      d.data_dir = os.path.join(workdir, 'data', 'tfds')
+    if not os.path.isdir(os.path.join(d.manual_dir, 'annotations')):
+      from tdmi_jax.data import synthesize  # pylint: disable=g-import-not-at-top
+      if sharding.is_writer():
+        logging.info('Synthesising the dataset into %s (first use).', d.manual_dir)
+        summary = synthesize.generate(d.manual_dir, overwrite=True,
+                                      **config.synthetic.to_dict())
+        logging.info('Synthetic dataset: %s', json.dumps(summary))
+      sharding.sync('synthesize')
+  elif not d.manual_dir or not os.path.isdir(os.path.expanduser(d.manual_dir)):
+    raise FileNotFoundError(
+        f'config.data.manual_dir={d.manual_dir!r} ({d.name}) does not exist. PoseTrack '
+        'cannot be downloaded automatically; set --config.data.manual_dir=DIR after '
+        f'downloading it:\n{ptb.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+
+
+def _write_json(path, obj):
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+class _Log:
+  """metrics.jsonl + TensorBoard, written by process 0 only."""
+
+  def __init__(self, workdir):
+    self.on = sharding.is_writer()
+    if self.on:
+      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tb'))
+
+  def write(self, step, split, metrics):
+    if not self.on:
+      return
+    row = {'step': int(step), 'split': split}
+    row.update({k: float(v) for k, v in metrics.items()})
+    self.jsonl.write(json.dumps(row) + '\n')
+    self.jsonl.flush()
+    for k, v in metrics.items():
+      self.tb.add_scalar(f'{split}/{k}', float(v), int(step))
+    self.tb.flush()
+
+  def close(self):
+    if self.on:
+      self.jsonl.close()
+      self.tb.close()
+
+
+def map_evaluation(config, workdir, step, predict_fn):
+  """HOOK (PoseTrack mAP): the evaluation issue plugs in here.
+
+  `predict_fn(batch) -> heatmaps` (numpy, this process's rows) runs the current model on a
+  host batch of `input_pipeline.EvalData(config.data, config.eval_batch_size)` (detector
+  boxes). The hook writes the prediction files and eval_results.json under `workdir` and
+  returns a flat dict of scalars to log (e.g. {'map/Total': ...}). Until it is plugged in,
+  the periodic eval reports the val heatmap loss and PCK only.
+  """
+  del config, workdir, step, predict_fn
+  return {}
+
+
+def evaluate(config, workdir, step, state, eval_step, eval_data, mesh):
+  """Val heatmap loss and PCK on GT person boxes (+ the mAP hook on detector boxes)."""
+  totals = None
+  for batch in tqdm.tqdm(eval_data, total=eval_data.num_batches, desc='eval', leave=False,
+                         disable=not sharding.is_writer()):
+    sums, _ = eval_step(state, sharding.shard_batch(batch, mesh, train_step_lib.TRAIN_KEYS))
+    sums = jax.device_get(sums)
+    totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+  n = max(float(totals['num_examples']), 1.0)
+  metrics = {'heatmap_loss': float(totals['heatmap_loss_sum']) / n,
+             'pck': float(totals['pck_correct']) / max(float(totals['pck_total']), 1.0),
+             'num_boxes': float(totals['num_examples'])}
+
+  def predict_fn(batch):
+    _, heatmaps = eval_step(state, sharding.shard_batch(batch, mesh, train_step_lib.TRAIN_KEYS))
+    return sharding.local_rows(heatmaps)
+
+  metrics.update(map_evaluation(config, workdir, step, predict_fn))
+  return metrics
+
+
+def _gt_box_eval_data(config):
+  """Val crops around the GT persons: they have targets, so loss and PCK are defined."""
+  data_cfg = config.data.copy_and_resolve_references()
+  data_cfg.use_gt_boxes_for_val = True
+  return input_pipeline.EvalData(data_cfg, config.eval_batch_size)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mode='train_and_eval'):
+  """Trains (resuming from `workdir` if it holds checkpoints) and/or evaluates.
+
+  Returns the last metrics: {'train': {...}, 'eval': {...}} (whichever ran).
+  """
+  if mode not in MODES:
+    raise ValueError(f'--mode={mode!r}; expected one of {MODES}')
+  # --- Workdir, config, data --------------------------------------------------------
+  std_logging.getLogger('absl').addFilter(_QuietLibraries())
+  config = config.copy_and_resolve_references()
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  prepare_data(config, workdir)
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  train_data = None
+  if mode != 'eval':
+    train_data = input_pipeline.TrainData(config.data, config.batch_size, config.seed)
+  eval_data = None
+  if mode != 'train':
+    eval_data = _gt_box_eval_data(config)
+  steps_per_epoch = max(1, train_data.num_examples // config.batch_size) if train_data else 1
+  num_steps = (config.num_train_steps if config.num_train_steps > 0
+               else int(math.ceil(config.num_epochs * steps_per_epoch)))
+
+  # --- Model, optimizer, initial state ----------------------------------------------
+  model = tdmi.build_model(config.model)
+  h, w = config.data.image_size
+  dummy = jnp.zeros((1, 5, h, w, 3), jnp.float32)
+  init_rng, club_rng = jax.random.split(jax.random.key(config.seed))
+  variables = jax.jit(lambda r: model.init(r, dummy, train=False))(init_rng)
+  variables = {'params': variables['params'],
+               'batch_stats': variables.get('batch_stats', {})}
+  if config.init_from:
+    variables = checkpointing.apply_pretrained(
+        variables, checkpointing.load_pretrained(config.init_from), config.init_from_kind)
+  elif config.model.backbone.frozen and mode != 'eval':
+    logging.warning('The backbone is frozen but config.init_from is empty: it stays at its '
+                    'random initialisation (a resumed run restores its weights anyway).')
+  mask = tdmi.trainable_mask(variables['params'], config.model)
+  tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch)
+  club_tx = club_params = None
+  if config.mi.enabled and config.mi.estimator == 'club':
+    _, aux_shapes = jax.eval_shape(
+        lambda v: model.apply(v, dummy, train=False), variables)
+    if 'useful' in aux_shapes:
+      club_tx = optim.make_club_optimizer(config.mi)
+      club_params = mi.init_club(club_rng, config.mi, aux_shapes['useful'].shape[-1])['params']
+  state = state_lib.create(variables, mask, tx, club_params, club_tx)
+  state = sharding.replicate(state, mesh)
+  logging.info('Parameters: %d total, %d trainable; %d steps (%d per epoch).',
+               optim.count(state.params), optim.count(optim.split_params(state.params, mask)[0]),
+               num_steps, steps_per_epoch)
+
+  # --- Resume -------------------------------------------------------------------------
+  ckpts = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'), config.checkpoint)
+  start_step = 0
+  if ckpts.latest_step() is not None:
+    state, position = ckpts.restore(state)
+    start_step = checkpointing.check_data_position(position, config)
+    logging.info('Resumed from %s at step %d.', ckpts.directory, start_step)
+  elif mode == 'eval' and not config.init_from:
+    raise FileNotFoundError(f'--mode=eval: no checkpoint under {ckpts.directory} and no '
+                            'config.init_from to evaluate.')
+  if sharding.is_writer() and not os.path.exists(os.path.join(workdir, 'config.json')):
+    _write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
+
+  eval_step = train_step_lib.make_eval_step(model=model, mesh=mesh)
+  log = _Log(workdir)
+  results = {}
+  try:
+    # --- Evaluation only --------------------------------------------------------------
+    if mode == 'eval':
+      results['eval'] = evaluate(config, workdir, start_step, state, eval_step, eval_data, mesh)
+      log.write(start_step, 'eval', results['eval'])
+      logging.info('eval at step %d: %s', start_step, results['eval'])
+      return results
+
+    # --- Training loop ----------------------------------------------------------------
+    train_step = train_step_lib.make_train_step(
+        model=model, config=config, tx=tx, schedule=schedule, mask=mask, mesh=mesh,
+        club_tx=club_tx)
+    batches = train_data.iterator(start_step)
+    bar = tqdm.tqdm(total=num_steps, initial=start_step, desc='train', dynamic_ncols=True,
+                    disable=not sharding.is_writer())
+    acc, acc_n, t_log = {}, 0, time.perf_counter()
+    step = start_step
+    with _StopRequest() as stop:
+      while step < num_steps:
+        batch = sharding.shard_batch(next(batches), mesh, train_step_lib.TRAIN_KEYS)
+        state, metrics = train_step(state, batch)
+        metrics = jax.device_get(metrics)
+        step += 1
+        if not np.isfinite(metrics['loss']):
+          raise NonFiniteLossError(
+              f'Loss is {metrics["loss"]} at step {step} (metrics: '
+              f'{ {k: float(v) for k, v in metrics.items()} }). Stopping without saving; '
+              f'the last good checkpoint is step {ckpts.latest_step()} in {ckpts.directory}. '
+              'Lower config.optim.learning_rate or set config.optim.grad_clip_norm.')
+        for k, v in metrics.items():
+          acc[k] = acc.get(k, 0.0) + float(v)
+        acc_n += 1
+        bar.update(1)
+        if step % config.log_every_steps == 0 or step == num_steps:
+          now = time.perf_counter()
+          means = {k: v / acc_n for k, v in acc.items()}
+          means['examples_per_sec'] = acc_n * config.batch_size / max(now - t_log, 1e-9)
+          means['epoch'] = step / steps_per_epoch
+          log.write(step, 'train', means)
+          bar.set_postfix({short: f'{means[k]:.4g}' for k, short in BAR_KEYS if k in means}
+                          | {'ex/s': f'{means["examples_per_sec"]:.1f}'})
+          results['train'] = means
+          acc, acc_n, t_log = {}, 0, time.perf_counter()
+        if mode == 'train_and_eval' and config.eval_every_steps > 0 and (
+            step % config.eval_every_steps == 0) and step < num_steps:
+          results['eval'] = evaluate(config, workdir, step, state, eval_step, eval_data, mesh)
+          log.write(step, 'eval', results['eval'])
+          bar.write(f'eval @ {step}: ' + ', '.join(
+              f'{k}={v:.4g}' for k, v in results['eval'].items()))
+          t_log = time.perf_counter()
+        if step % config.checkpoint.every_steps == 0 or step == num_steps:
+          ckpts.save(state, checkpointing.data_position(step, config))
+        if stop.signum is not None:
+          ckpts.save(state, checkpointing.data_position(step, config))
+          ckpts.wait()
+          bar.write(f'Signal {stop.signum}: checkpoint written at step {step}; exiting.')
+          logging.warning('Stopped by signal %d at step %d (checkpoint written).',
+                          stop.signum, step)
+          results['stopped_at'] = step
+          return results
+    bar.close()
+    batches.close()
+    ckpts.wait()
+
+    # --- Final evaluation --------------------------------------------------------------
+    if mode == 'train_and_eval':
+      results['eval'] = evaluate(config, workdir, step, state, eval_step, eval_data, mesh)
+      log.write(step, 'eval', results['eval'])
+      logging.info('eval at step %d: %s', step, results['eval'])
+      if sharding.is_writer():
+        print(f'eval @ {step}: ' + ', '.join(f'{k}={v:.4g}' for k, v in results['eval'].items()))
+    return results
+  finally:
+    log.close()
+    ckpts.close()
