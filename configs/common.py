@@ -91,7 +91,7 @@ def model_config(variant='hrnet_w48'):
   c.tde = ml_collections.ConfigDict()
   c.tde.fuse_blocks = (2, 2, 2, 2)  # BasicBlocks in fuse_j per stage j=1..4.
   c.dcn = ml_collections.ConfigDict()
-  c.dcn.offset_groups = 12
+  c.dcn.offset_groups = 0         # 0: variant default (W48 12 as SPEC, W32 8, tiny 2); divides C.
   c.dcn.mask_activation = 'none'   # 'none' (reference) | 'sigmoid'.
   c.rdm_hidden = 128
   c.appearance = 'aligned'       # 'aligned' (FAMI-Pose alignment) | 'key_frame'.

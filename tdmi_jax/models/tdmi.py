@@ -1,0 +1,166 @@
+"""TDMI (Feng et al., CVPR 2023): the full multi-frame pose model, and its builder.
+
+`build_model(config.model)` returns a linen module called as
+`(heatmaps, aux) = model.apply(variables, frames, train=...)` with frames [B, 5, H, W, 3]
+(window t-2..t+2, key frame at index 2). See CONTRACTS.md for the aux keys.
+
+Fields of `config.model` (`configs/common.py:model_config`):
+  variant          row of `hrnet.VARIANTS` ('hrnet_w48', 'hrnet_w32', 'tiny'); fixes the
+                   feature width C (branch 0 of the backbone: 48, 32, 8).
+  arch             'tdmi' | 'single_frame' (backbone + its own head on the key frame only:
+                   the baseline; set backbone.frozen=False to train it).
+  num_joints       K.
+  dtype            compute dtype 'float32' | 'bfloat16'; parameters are always float32 and
+                   heatmaps/aux are returned in float32.
+  backbone.frozen  no gradient reaches the backbone (its outputs are gradient-stopped) and
+                   `trainable_mask` marks its leaves False for the optimizer.
+  backbone.bn      'frozen' (running statistics, never updated) | 'live' (batch statistics
+                   and running-stat updates in training, as the reference).
+  tde.fuse_blocks  BasicBlocks in the TDE's fuse_j for stages j = 1..4.
+  dcn.offset_groups  offset groups of every DCN; 0 = the variant's default (12 for W48,
+                   8 for W32, 2 for tiny). Must divide C, else build_model raises.
+  dcn.mask_activation  'none' (reference) | 'sigmoid'.
+  rdm_hidden       hidden width of the RDM gates.
+  appearance       'aligned' (FAMI-Pose alignment, F_app) | 'key_frame' (F_app = F_t).
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from tdmi_jax.models import appearance as appearance_lib
+from tdmi_jax.models import head as head_lib
+from tdmi_jax.models import hrnet
+from tdmi_jax.models import layers
+from tdmi_jax.models import rdm as rdm_lib
+from tdmi_jax.models import tde as tde_lib
+
+Dtype = Any
+NUM_FRAMES = 5
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class TDMI(nn.Module):
+  spec: hrnet.HRNetSpec
+  arch: str = 'tdmi'
+  num_joints: int = 17
+  dtype: Dtype = jnp.float32
+  backbone_frozen: bool = True
+  backbone_bn: str = 'frozen'
+  fuse_blocks: Sequence[int] = (2, 2, 2, 2)
+  offset_groups: int = 12
+  mask_activation: str = 'none'
+  rdm_hidden: int = 128
+  appearance: str = 'aligned'
+
+  @nn.compact
+  def __call__(self, frames: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+    if frames.ndim != 5 or frames.shape[1] != NUM_FRAMES:
+      raise ValueError(f'TDMI expects frames [B, {NUM_FRAMES}, H, W, 3], got {frames.shape}')
+    b, t, h, w, _ = frames.shape
+    key = t // 2
+    frozen = self.backbone_frozen
+    maybe_stop = jax.lax.stop_gradient if frozen else (lambda x: x)
+    backbone = hrnet.HRNet(self.spec, num_joints=self.num_joints,
+                           frozen_bn=self.backbone_bn == 'frozen', dtype=self.dtype,
+                           name='backbone')
+    if self.arch == 'single_frame':
+      heatmaps, _ = backbone(frames[:, key], train=train)
+      heatmaps = maybe_stop(heatmaps)
+      return heatmaps, {'backbone_heatmaps': heatmaps}
+
+    # One backbone pass over all B*T frames.
+    all_heatmaps, baux = backbone(frames.reshape(b * t, h, w, -1), train=train)
+    split = lambda x: maybe_stop(x.reshape(b, t, *x.shape[1:]))
+    stage_features = [split(f) for f in baux['features']]
+    backbone_heatmaps = split(all_heatmaps)[:, key]
+
+    c = self.spec.width
+    motion = tde_lib.TemporalDifferenceEncoder(
+        c, fuse_blocks=tuple(self.fuse_blocks), offset_groups=self.offset_groups,
+        mask_activation=self.mask_activation, dtype=self.dtype, name='tde')(
+            stage_features, train=train)
+    useful, noisy = rdm_lib.RepresentationDisentanglement(
+        self.rdm_hidden, dtype=self.dtype, name='rdm')(motion)
+    if self.appearance == 'aligned':
+      app = appearance_lib.AppearanceAlignment(
+          c, offset_groups=self.offset_groups, mask_activation=self.mask_activation,
+          dtype=self.dtype, name='appearance')(stage_features[-1], train=train)
+    else:
+      app = stage_features[-1][:, key]
+    heatmaps, fused = head_lib.FusionHead(c, self.num_joints, dtype=self.dtype, name='head')(
+        useful, app, train=train)
+
+    # H(X): the backbone's final conv with its weights gradient-stopped, for the MI terms.
+    final = backbone.variables['params']['final_layer']
+    kernel = jax.lax.stop_gradient(final['kernel']).astype(self.dtype)
+    bias = jax.lax.stop_gradient(final['bias']).astype(self.dtype)
+    backbone_head = lambda x: layers.apply_conv(x.astype(self.dtype), kernel, bias)
+    f32 = lambda x: x.astype(jnp.float32)
+    aux = {
+        'motion': f32(motion), 'useful': f32(useful), 'noisy': f32(noisy),
+        'appearance': f32(app), 'fused': f32(fused),
+        'backbone_heatmaps': f32(backbone_heatmaps),
+        'useful_heatmaps': f32(backbone_head(useful)),
+        'appearance_heatmaps': f32(backbone_head(app)),
+    }
+    return heatmaps, aux
+
+
+def _choice(cfg_value, field, options):
+  if cfg_value not in options:
+    raise ValueError(f'model.{field}={cfg_value!r}; expected one of {sorted(options)}')
+  return cfg_value
+
+
+def resolve_offset_groups(model_cfg: ml_collections.ConfigDict) -> int:
+  """`model.dcn.offset_groups`, with 0 meaning the variant's default; must divide C."""
+  spec = hrnet.get_spec(model_cfg.variant)
+  groups = int(model_cfg.dcn.offset_groups) or spec.offset_groups
+  if groups < 0 or spec.width % groups:
+    raise ValueError(
+        f'model.dcn.offset_groups={model_cfg.dcn.offset_groups} gives {groups} offset groups, '
+        f'which must divide the feature width C={spec.width} of variant '
+        f'{model_cfg.variant!r} (0 selects the variant default {spec.offset_groups})')
+  return groups
+
+
+def build_model(model_cfg: ml_collections.ConfigDict) -> TDMI:
+  """The model described by `config.model`, with every field checked."""
+  spec = hrnet.get_spec(model_cfg.variant)
+  fuse_blocks = tuple(int(n) for n in model_cfg.tde.fuse_blocks)
+  if len(fuse_blocks) != 4 or min(fuse_blocks) < 1:
+    raise ValueError(f'model.tde.fuse_blocks={model_cfg.tde.fuse_blocks}: need 4 counts >= 1')
+  if int(model_cfg.rdm_hidden) < 1:
+    raise ValueError(f'model.rdm_hidden={model_cfg.rdm_hidden} must be >= 1')
+  if int(model_cfg.num_joints) < 1:
+    raise ValueError(f'model.num_joints={model_cfg.num_joints} must be >= 1')
+  return TDMI(
+      spec=spec,
+      arch=_choice(model_cfg.arch, 'arch', ('tdmi', 'single_frame')),
+      num_joints=int(model_cfg.num_joints),
+      dtype=_DTYPES[_choice(model_cfg.dtype, 'dtype', _DTYPES)],
+      backbone_frozen=bool(model_cfg.backbone.frozen),
+      backbone_bn=_choice(model_cfg.backbone.bn, 'backbone.bn', ('frozen', 'live')),
+      fuse_blocks=fuse_blocks,
+      offset_groups=resolve_offset_groups(model_cfg),
+      mask_activation=_choice(model_cfg.dcn.mask_activation, 'dcn.mask_activation',
+                              ('none', 'sigmoid')),
+      rdm_hidden=int(model_cfg.rdm_hidden),
+      appearance=_choice(model_cfg.appearance, 'appearance', ('aligned', 'key_frame')),
+  )
+
+
+def trainable_mask(params: Mapping[str, Any], model_cfg: ml_collections.ConfigDict) -> Any:
+  """Pytree of bools over `params`: False on every backbone leaf when the backbone is frozen.
+
+  Use it to label the optimizer (e.g. optax.multi_transform with set_to_zero for False)
+  so frozen leaves get no update and no optimizer state.
+  """
+  frozen = bool(model_cfg.backbone.frozen)
+  return {name: jax.tree_util.tree_map(lambda _, t=not (frozen and name == 'backbone'): t, sub)
+          for name, sub in params.items()}
