@@ -26,6 +26,7 @@ Train it (`config.model.backbone.frozen=False`) before trusting the backbone's h
 import argparse
 from collections.abc import Mapping
 import functools
+import math
 import os
 import shutil
 import sys
@@ -92,10 +93,21 @@ def load_state_dict(path: str) -> dict[str, Any]:
 # --- Checking against the flax backbone ---------------------------------------------
 
 
+Variant = str | hrnet.HRNetSpec  # A row name of hrnet.VARIANTS, or any spec.
+
+
+def _spec(variant: Variant) -> hrnet.HRNetSpec:
+  return variant if isinstance(variant, hrnet.HRNetSpec) else hrnet.get_spec(variant)
+
+
+def _name(variant: Variant) -> str:
+  return repr(variant) if isinstance(variant, str) else 'the given HRNet configuration'
+
+
 @functools.lru_cache(maxsize=8)
-def expected_shapes(variant: str, num_joints: int = common.NUM_JOINTS):
+def expected_shapes(variant: Variant, num_joints: int = common.NUM_JOINTS):
   """{(collection, flax path): shape} of the backbone, from eval_shape (no compute)."""
-  model = hrnet.HRNet(hrnet.get_spec(variant), num_joints=num_joints)
+  model = hrnet.HRNet(_spec(variant), num_joints=num_joints)
   tree = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
   return {(coll, path): tuple(leaf.shape)
@@ -119,7 +131,7 @@ def _guess_variant(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
   return names[0] if names else None
 
 
-def check_state_dict(shapes: Mapping[str, tuple[int, ...]], variant: str, *,
+def check_state_dict(shapes: Mapping[str, tuple[int, ...]], variant: Variant, *,
                      num_joints: int = common.NUM_JOINTS, skip_final_layer: bool = False
                      ) -> dict[str, tuple[str, tuple[str, ...]]]:
   """{torch key: (collection, flax path)} for every tensor, or ConversionError listing
@@ -142,7 +154,7 @@ def check_state_dict(shapes: Mapping[str, tuple[int, ...]], variant: str, *,
     want = expected[target]
     if _flax_shape(target[1], tuple(shape)) != want:
       torch_want = (want[3], want[2], want[0], want[1]) if len(want) == 4 else want
-      misshaped.append(f'{key}: checkpoint {tuple(shape)}, {variant} needs {torch_want}')
+      misshaped.append(f'{key}: checkpoint {tuple(shape)}, expected {torch_want}')
       if key.startswith('final_layer.'):
         final_layer.append(key)
       continue
@@ -150,8 +162,9 @@ def check_state_dict(shapes: Mapping[str, tuple[int, ...]], variant: str, *,
   missing = sorted(k for k, target in by_torch.items()
                    if k not in shapes and not (skip_final_layer and k.startswith('final_layer.')))
   if missing or unexpected or misshaped:
-    lines = [f'The checkpoint does not fit the {variant!r} backbone '
-             f'({len(shapes)} checkpoint entries, {len(by_torch)} expected tensors).']
+    tensors = sum(not k.endswith('num_batches_tracked') for k in shapes)
+    lines = [f'The checkpoint does not fit the {_name(variant)} backbone '
+             f'({tensors} tensors in the checkpoint, {len(by_torch)} expected).']
     for title, items in (('missing', missing), ('unexpected', sorted(unexpected)),
                          ('mis-shaped', misshaped)):
       if items:
@@ -178,17 +191,19 @@ def _to_numpy(value) -> np.ndarray:
   return np.asarray(value, dtype=np.float32)
 
 
-def _fresh_final_layer(variant: str, num_joints: int, seed: int) -> dict[str, np.ndarray]:
+def _fresh_final_layer(variant: Variant, num_joints: int, seed: int) -> dict[str, np.ndarray]:
   shapes = expected_shapes(variant, num_joints)
   kernel_shape = shapes[('params', ('final_layer', 'kernel'))]
   kernel = layers.conv_init(jax.random.key(seed), kernel_shape, jnp.float32)
   return {'kernel': np.asarray(kernel), 'bias': np.zeros((num_joints,), np.float32)}
 
 
-def convert_state_dict(state_dict: Mapping[str, Any], variant: str, *,
+def convert_state_dict(state_dict: Mapping[str, Any], variant: Variant, *,
                        num_joints: int = common.NUM_JOINTS, skip_final_layer: bool = False,
                        seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
   """PyTorch pose_hrnet state_dict -> (params, batch_stats) of `hrnet.HRNet(variant)`.
+
+  `variant` is a row name of `hrnet.VARIANTS` or an `hrnet.HRNetSpec` (see `spec_from_extra`).
 
   Values may be torch tensors or numpy arrays; the results are float32 numpy trees.
   Raises ConversionError when the keys or shapes do not fit the variant exactly.
@@ -208,6 +223,65 @@ def convert_state_dict(state_dict: Mapping[str, Any], variant: str, *,
       flat['params'][('final_layer', leaf)] = value
   return (flax.traverse_util.unflatten_dict(flat['params']),
           flax.traverse_util.unflatten_dict(flat['batch_stats']))
+
+
+_STAGE_FIELDS = ('NUM_MODULES', 'NUM_BRANCHES', 'BLOCK', 'NUM_BLOCKS', 'NUM_CHANNELS')
+
+
+def spec_from_extra(extra: Mapping[str, Any]) -> hrnet.HRNetSpec:
+  """An `hrnet.HRNetSpec` from the official yaml's `MODEL.EXTRA` (keys as in the yaml).
+
+  STAGE2..STAGE4 are required; pose_hrnet hard-codes its stem (64 channels) and layer1
+  (4 Bottlenecks of 64 planes), which an optional STAGE1 block overrides.
+  """
+  def stage(name):
+    block = extra.get(name)
+    if not isinstance(block, Mapping):
+      raise ValueError(f'MODEL.EXTRA.{name} is missing or not a mapping')
+    absent = [f for f in _STAGE_FIELDS if f not in block]
+    if absent:
+      raise ValueError(f'MODEL.EXTRA.{name} lacks {", ".join(absent)}')
+    n = int(block['NUM_BRANCHES'])
+    blocks, channels = tuple(block['NUM_BLOCKS']), tuple(block['NUM_CHANNELS'])
+    if len(blocks) != n or len(channels) != n:
+      raise ValueError(f'MODEL.EXTRA.{name}: NUM_BLOCKS {list(blocks)} and NUM_CHANNELS '
+                       f'{list(channels)} need NUM_BRANCHES={n} entries')
+    if block['BLOCK'] not in ('BASIC', 'BOTTLENECK'):
+      raise ValueError(f"MODEL.EXTRA.{name}.BLOCK={block['BLOCK']!r}; expected BASIC or "
+                       'BOTTLENECK')
+    return hrnet.StageSpec(int(block['NUM_MODULES']), n, str(block['BLOCK']),
+                           tuple(int(b) for b in blocks), tuple(int(c) for c in channels),
+                           str(block.get('FUSE_METHOD', 'SUM')))
+
+  stage1 = (stage('STAGE1') if 'STAGE1' in extra
+            else hrnet.StageSpec(1, 1, 'BOTTLENECK', (4,), (64,)))
+  if stage1.num_branches != 1:
+    raise ValueError('MODEL.EXTRA.STAGE1 (pose_hrnet layer1) must have NUM_BRANCHES=1')
+  s2, s3, s4 = stage('STAGE2'), stage('STAGE3'), stage('STAGE4')
+  for prev, cur, name in ((stage1, s2, 'STAGE2'), (s2, s3, 'STAGE3'), (s3, s4, 'STAGE4')):
+    if cur.num_branches < prev.num_branches:
+      raise ValueError(f'MODEL.EXTRA.{name}: NUM_BRANCHES may not decrease')
+  width = s2.num_channels[0] * layers.EXPANSION[s2.block]
+  return hrnet.HRNetSpec(64, stage1, s2, s3, s4,
+                         final_conv_kernel=int(extra.get('FINAL_CONV_KERNEL', 1)),
+                         offset_groups=math.gcd(12, width))
+
+
+def load_torch_hrnet(path_or_state_dict, extra, num_joints: int = common.NUM_JOINTS):
+  """(model, variables) of an HRNet pose checkpoint of any stage configuration.
+
+  `extra` is the official yaml's `MODEL.EXTRA` as a dict (or a row name of
+  `hrnet.VARIANTS`). `model.apply(variables, images_nhwc, train=False)` returns
+  `(heatmaps_nhwc, aux)`, the PyTorch network's eval-mode output up to float32 rounding.
+  """
+  spec = hrnet.get_spec(extra) if isinstance(extra, str) else spec_from_extra(extra)
+  if isinstance(path_or_state_dict, (str, os.PathLike)):
+    state_dict = load_state_dict(os.fspath(path_or_state_dict))
+  else:
+    state_dict = path_or_state_dict
+  params, batch_stats = convert_state_dict(state_dict, spec, num_joints=num_joints)
+  return (hrnet.HRNet(spec, num_joints=num_joints),
+          {'params': params, 'batch_stats': batch_stats})
 
 
 # --- Writing -------------------------------------------------------------------------
