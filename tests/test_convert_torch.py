@@ -18,6 +18,7 @@ import pytest
 from configs import common
 from tdmi_jax import checkpointing
 from tdmi_jax import convert_torch
+from tdmi_jax import pretrained
 from tdmi_jax.models import hrnet
 from tdmi_jax.models import tdmi
 
@@ -238,7 +239,7 @@ def test_load_torch_hrnet_any_stage_configuration(tmp_path):
   net = _randomise(TorchPoseHRNet(spec, num_joints=15), seed=5)
   path = tmp_path / 'custom.pth'
   torch.save({'state_dict': net.state_dict()}, path)
-  model, variables = convert_torch.load_torch_hrnet(str(path), extra, num_joints=15)
+  model, variables = pretrained.load_torch_hrnet(str(path), extra, num_joints=15)
   x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
   with torch.no_grad():
     want = net(x).permute(0, 2, 3, 1).numpy()
