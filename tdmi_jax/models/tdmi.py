@@ -162,5 +162,9 @@ def trainable_mask(params: Mapping[str, Any], model_cfg: ml_collections.ConfigDi
   so frozen leaves get no update and no optimizer state.
   """
   frozen = bool(model_cfg.backbone.frozen)
-  return {name: jax.tree_util.tree_map(lambda _, t=not (frozen and name == 'backbone'): t, sub)
-          for name, sub in params.items()}
+
+  def label(name, subtree):
+    trainable = not (frozen and name == 'backbone')
+    return jax.tree_util.tree_map(lambda _: trainable, subtree)
+
+  return {name: label(name, subtree) for name, subtree in params.items()}
