@@ -24,9 +24,10 @@ def _bilinear(img, y, x):
   if y <= -1 or y >= h or x <= -1 or x >= w:
     return 0.0
   y0, x0 = int(np.floor(y)), int(np.floor(x))
+  ly, lx = y - y0, x - x0
   val = 0.0
-  for yy, xx, wt in ((y0, x0, (1 - (y - y0)) * (1 - (x - x0))), (y0, x0 + 1, (1 - (y - y0)) * (x - x0)),
-                     (y0 + 1, x0, (y - y0) * (1 - (x - x0))), (y0 + 1, x0 + 1, (y - y0) * (x - x0))):
+  for yy, xx, wt in ((y0, x0, (1 - ly) * (1 - lx)), (y0, x0 + 1, (1 - ly) * lx),
+                     (y0 + 1, x0, ly * (1 - lx)), (y0 + 1, x0 + 1, ly * lx)):
     if 0 <= yy < h and 0 <= xx < w:
       val += wt * img[yy, xx]
   return val
@@ -113,7 +114,8 @@ def test_gradients_match_finite_differences():
     x = jnp.asarray(rng.normal(size=(1, 5, 4, 4)))
     kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 2)))
     # Keep sample positions 0.2..0.8 away from integers: bilinear is smooth there.
-    offset = jnp.asarray(rng.integers(-2, 2, size=(1, 5, 4, 36)) + rng.uniform(0.2, 0.8, size=(1, 5, 4, 36)))
+    offset = jnp.asarray(rng.integers(-2, 2, size=(1, 5, 4, 36))
+                         + rng.uniform(0.2, 0.8, size=(1, 5, 4, 36)))
     mask = jnp.asarray(rng.uniform(0, 1, size=(1, 5, 4, 18)))
     probe = jnp.asarray(rng.normal(size=(1, 5, 4, 2)))
 

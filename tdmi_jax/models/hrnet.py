@@ -86,7 +86,8 @@ VARIANTS = {
 
 def get_spec(variant: str) -> HRNetSpec:
   if variant not in VARIANTS:
-    raise ValueError(f'Unknown HRNet variant {variant!r} (model.variant); known: {sorted(VARIANTS)}')
+    raise ValueError(
+        f'Unknown HRNet variant {variant!r} (model.variant); known: {sorted(VARIANTS)}')
   return VARIANTS[variant]
 
 
