@@ -94,6 +94,32 @@ def _track_ids(people):
   return out
 
 
+def write_video(path, frames, predictions):
+  """Writes one 2018-format prediction file covering `frames` (image dicts with 'id') in order.
+
+  Frames without people get the AP-neutral dummy. The file appears atomically.
+  Returns {'dummy_frames', 'renumbered'} counts.
+  """
+  annotations = []
+  counts = {'dummy_frames': 0, 'renumbered': 0}
+  for im in frames:
+    image_id = int(im['id'])
+    people = predictions.get(image_id) or []
+    if not people:
+      annotations.append(_dummy(image_id))
+      counts['dummy_frames'] += 1
+      continue
+    tracks = _track_ids(people)
+    counts['renumbered'] += sum(t != p.get('track_id') for t, p in zip(tracks, people))
+    annotations.extend(_annotation(image_id, p, t) for p, t in zip(people, tracks))
+  out = {'images': frames, 'annotations': annotations, 'categories': _category()}
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(out, f)
+  os.replace(tmp, path)
+  return counts
+
+
 def write_predictions(predictions, gt_dir, out_dir):
   """Writes one prediction JSON per GT video of gt_dir into out_dir.
 
@@ -108,24 +134,10 @@ def write_predictions(predictions, gt_dir, out_dir):
   renumbered = 0
   for path in files:
     frames = gt_frames(posetrack_map.load_json(path), path)
-    annotations = []
-    for im in frames:
-      image_id = int(im['id'])
-      people = predictions.get(image_id) or []
-      seen.add(image_id)
-      if not people:
-        annotations.append(_dummy(image_id))
-        stats['dummy_frames'] += 1
-        continue
-      tracks = _track_ids(people)
-      renumbered += sum(t != p.get('track_id') for t, p in zip(tracks, people))
-      annotations.extend(_annotation(image_id, p, t) for p, t in zip(people, tracks))
-    out = {'images': frames, 'annotations': annotations, 'categories': _category()}
-    dst = os.path.join(out_dir, os.path.basename(path))
-    tmp = dst + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(out, f)
-    os.replace(tmp, dst)
+    seen.update(int(im['id']) for im in frames)
+    counts = write_video(os.path.join(out_dir, os.path.basename(path)), frames, predictions)
+    stats['dummy_frames'] += counts['dummy_frames']
+    renumbered += counts['renumbered']
     stats['videos'] += 1
     stats['frames'] += len(frames)
   if renumbered:

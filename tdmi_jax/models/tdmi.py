@@ -58,11 +58,19 @@ class TDMI(nn.Module):
   appearance: str = 'aligned'
 
   @nn.compact
-  def __call__(self, frames: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-    if frames.ndim != 5 or frames.shape[1] != NUM_FRAMES:
+  def __call__(self, frames: jax.Array | None, *, train: bool,
+               backbone_outputs: tuple[jax.Array, Sequence[jax.Array]] | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """frames [B, 5, H, W, 3] -> (heatmaps [B, H/4, W/4, K], aux).
+
+    `backbone_outputs=(heatmaps [B, 5, h, w, K], four stage features [B, 5, h, w, C])`
+    replaces the backbone pass (frames is then ignored and may be None): streaming
+    inference computes each frame's backbone outputs once and reuses them in every window
+    that contains the frame (`backbone_apply` computes them).
+    """
+    if backbone_outputs is None and (frames.ndim != 5 or frames.shape[1] != NUM_FRAMES):
       raise ValueError(f'TDMI expects frames [B, {NUM_FRAMES}, H, W, 3], got {frames.shape}')
-    b, t, h, w, _ = frames.shape
-    key = t // 2
+    key = NUM_FRAMES // 2
     frozen = self.backbone_frozen
     maybe_stop = jax.lax.stop_gradient if frozen else (lambda x: x)
     backbone = hrnet.HRNet(self.spec, num_joints=self.num_joints,
@@ -73,11 +81,17 @@ class TDMI(nn.Module):
       heatmaps = maybe_stop(heatmaps)
       return heatmaps, {'backbone_heatmaps': heatmaps}
 
-    # One backbone pass over all B*T frames.
-    all_heatmaps, baux = backbone(frames.reshape(b * t, h, w, -1), train=train)
-    split = lambda x: maybe_stop(x.reshape(b, t, *x.shape[1:]))
-    stage_features = [split(f) for f in baux['features']]
-    backbone_heatmaps = split(all_heatmaps)[:, key]
+    if backbone_outputs is None:
+      # One backbone pass over all B*T frames.
+      b, t, h, w, _ = frames.shape
+      all_heatmaps, baux = backbone(frames.reshape(b * t, h, w, -1), train=train)
+      split = lambda x: maybe_stop(x.reshape(b, t, *x.shape[1:]))
+      stage_features = [split(f) for f in baux['features']]
+      backbone_heatmaps = split(all_heatmaps)[:, key]
+    else:
+      all_heatmaps, stage_features = backbone_outputs
+      stage_features = [maybe_stop(f) for f in stage_features]
+      backbone_heatmaps = maybe_stop(all_heatmaps)[:, key]
 
     c = self.spec.width
     motion = tde_lib.TemporalDifferenceEncoder(
@@ -109,6 +123,20 @@ class TDMI(nn.Module):
         'appearance_heatmaps': f32(backbone_head(app)),
     }
     return heatmaps, aux
+
+
+def backbone_apply(model: TDMI, variables: Mapping[str, Any], images: jax.Array
+                   ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  """The backbone alone in eval mode on single frames [N, H, W, 3].
+
+  Returns (heatmaps [N, h, w, K], the four stage features [N, h, w, C]): what
+  `TDMI.__call__(None, backbone_outputs=...)` takes once stacked into windows.
+  """
+  backbone = hrnet.HRNet(model.spec, num_joints=model.num_joints,
+                         frozen_bn=model.backbone_bn == 'frozen', dtype=model.dtype)
+  sub = {c: v['backbone'] for c, v in variables.items() if 'backbone' in v}
+  heatmaps, aux = backbone.apply(sub, images, train=False)
+  return heatmaps, tuple(aux['features'])
 
 
 def _choice(cfg_value, field, options):
