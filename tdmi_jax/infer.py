@@ -19,6 +19,7 @@ track holds its anchor while its box stays close, so consecutive windows share c
 give the same heatmaps for the same anchors.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -111,6 +112,23 @@ class Cropper:
 
 
 # --- Runners ------------------------------------------------------------------------------
+# Module-level jits with the (hashable) model static: runners share compiled code.
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _backbone(model, variables, images):
+  return tdmi.backbone_apply(model, variables, images)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _head(model, variables, heatmaps, features):
+  return model.apply(variables, None, train=False, backbone_outputs=(heatmaps, features))[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _full(model, variables, frames):
+  return model.apply(variables, frames, train=False)[0]
+
 
 
 class CachedRunner:
@@ -120,9 +138,7 @@ class CachedRunner:
     self.cache = {}
     self.backbone_passes = 0
     self.batch_size = batch_size
-    self._backbone = jax.jit(lambda v, x: tdmi.backbone_apply(model, v, x))
-    self._head = jax.jit(lambda v, hm, feats: model.apply(
-        v, None, train=False, backbone_outputs=(hm, feats))[0])
+    self.model = model
     self.variables = variables
 
   def _fill(self, keys, cropper, anchors):
@@ -132,7 +148,7 @@ class CachedRunner:
       crops = np.stack([cropper(anchors[a], f) for a, f in chunk])
       crops = np.concatenate([crops, np.zeros_like(crops[:1]).repeat(
           self.batch_size - len(chunk), 0)]) if len(chunk) < self.batch_size else crops
-      hm, feats = jax.device_get(self._backbone(self.variables, crops))
+      hm, feats = jax.device_get(_backbone(self.model, self.variables, crops))
       self.backbone_passes += len(chunk)
       for j, k in enumerate(chunk):
         self.cache[k] = (hm[j], tuple(f[j] for f in feats))
@@ -148,7 +164,7 @@ class CachedRunner:
       entries += [entries[0]] * pad
       hm = np.stack([np.stack([e[0] for e in w]) for w in entries])
       feats = [np.stack([np.stack([e[1][j] for e in w]) for w in entries]) for j in range(4)]
-      out.append(np.asarray(self._head(self.variables, hm, feats))[:len(chunk)])
+      out.append(np.asarray(_head(self.model, self.variables, hm, feats))[:len(chunk)])
     return np.concatenate(out) if out else None
 
   def evict_before(self, frame):
@@ -162,7 +178,7 @@ class PlainRunner:
   def __init__(self, model, variables, batch_size):
     self.backbone_passes = 0
     self.batch_size = batch_size
-    self._apply = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+    self.model = model
     self.variables = variables
 
   def heatmaps(self, windows, cropper, anchors):
@@ -172,7 +188,7 @@ class PlainRunner:
       x = np.stack([np.stack([cropper(anchors[a], f) for f in frames]) for a, frames in chunk])
       if len(chunk) < self.batch_size:
         x = np.concatenate([x, np.repeat(x[:1], self.batch_size - len(chunk), 0)])
-      out.append(np.asarray(self._apply(self.variables, x))[:len(chunk)])
+      out.append(np.asarray(_full(self.model, self.variables, x))[:len(chunk)])
       self.backbone_passes += 5 * len(chunk)
     return np.concatenate(out) if out else None
 
