@@ -207,7 +207,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mode='tr
   model = tdmi.build_model(config.model)
   h, w = config.data.image_size
   dummy = jnp.zeros((1, 5, h, w, 3), jnp.float32)
-  init_rng, club_rng = jax.random.split(jax.random.key(config.seed))
+  # unsafe_rbg: the init of an HRNet compiles ~3x faster than with threefry keys; still a
+  # deterministic function of the seed on a given backend.
+  init_rng, club_rng = jax.random.split(jax.random.key(config.seed, impl='unsafe_rbg'))
   variables = jax.jit(lambda r: model.init(r, dummy, train=False))(init_rng)
   variables = {'params': variables['params'],
                'batch_stats': variables.get('batch_stats', {})}
