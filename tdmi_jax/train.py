@@ -101,6 +101,11 @@ def prepare_data(config, workdir):
         f'config.data.manual_dir={d.manual_dir!r} ({d.name}) does not exist. PoseTrack '
         'cannot be downloaded automatically; set --config.data.manual_dir=DIR after '
         f'downloading it:\n{ptb.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+  if jax.process_count() > 1:
+    # One process builds the TFDS files (a shared filesystem is assumed), the rest wait.
+    if sharding.is_writer():
+      input_pipeline.get_builder(d)
+    sharding.sync('tfds_build')
 
 
 def _write_json(path, obj):
@@ -271,6 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mode='tr
       while step < num_steps:
         batch = sharding.shard_batch(next(batches), mesh, train_step_lib.TRAIN_KEYS)
         state, metrics = train_step(state, batch)
+        # One host sync per step: it lets a NaN stop the run before any bad state is saved.
         metrics = jax.device_get(metrics)
         step += 1
         if not np.isfinite(metrics['loss']):
