@@ -11,8 +11,8 @@ and the frozen step's scaling from 1 to N devices at a fixed global batch.
   python benchmarks/train_bench.py --batches=8 --devices=1,8 --kinds=tdmi_step  # a GPU/TPU box
 
 Prints one line per measurement (compile s, step s (median), examples/s, GFLOP/s from XLA's
-cost analysis, XLA's peak-memory estimate) and, on GPU/TPU, the device's peak bytes in use.
-On CPU the simulated device count is set from --devices before JAX starts.
+cost analysis summed over devices, XLA's peak-memory estimate per device) and, on GPU/TPU,
+the device's peak bytes in use. On CPU the simulated device count is set from --devices before JAX starts.
 """
 
 import argparse
@@ -169,10 +169,11 @@ def measure(kind, batch_size, num_devices):
     raise ValueError(kind)
   compile_s = time.perf_counter() - t0
   step_s = _time(run, ARGS.steps)
-  flops = _flops(compiled)
+  flops = _flops(compiled) * num_devices  # cost_analysis counts one device's program.
   row = (f'{kind:13s} batch={batch_size} devices={num_devices} compile={compile_s:7.1f}s '
          f'step={step_s:8.3f}s examples/s={batch_size / step_s:7.2f} '
-         f'GFLOP/s={flops / step_s / 1e9:7.1f} xla_peak_mem={_memory(compiled):6.2f}GiB')
+         f'GFLOP/s={flops / step_s / 1e9:7.1f} '
+         f'xla_peak_mem_per_device={_memory(compiled):6.2f}GiB')
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     row += f' device_peak={stats["peak_bytes_in_use"] / 2**30:.2f}GiB'
