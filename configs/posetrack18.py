@@ -38,6 +38,13 @@ def base_config(dataset, variant):
   config.init_from = ''           # Workdir/checkpoint of pretrained weights.
   config.init_from_kind = 'backbone'  # 'backbone' | 'full'.
   config.distributed = False      # jax.distributed.initialize() (also via environment).
+  # PoseTrack mAP on val (tdmi_jax.evaluation), at every periodic eval and at the end.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.map = True
+  config.eval.flip_test = True      # HRNet/DCPose protocol: average with the mirrored crop.
+  config.eval.decode = 'quarter'    # 'quarter' | 'dark' | 'argmax'.
+  config.eval.use_gt_boxes = False  # True: GT person boxes instead of detector boxes.
+  config.eval.num_overlays = 0      # PNG overlays of val frames under <workdir>/overlays/.
   return config
 
 

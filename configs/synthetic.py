@@ -29,6 +29,12 @@ def get_config(arg=None):
   config.data.image_size = (128, 96)
   config.data.heatmap_size = (32, 24)
   config.data.sigma = 1.0            # SPEC's sigma=3 is for 96x72 heatmaps; scaled down.
+  # The synthetic figures are front-facing cut-outs whose mirror image looks like a
+  # person with left and right swapped: flip augmentation and the flip test would teach
+  # and average contradictory labels.
+  config.data.augment.flip_prob = 0.0
+  config.eval.flip_test = False
+  config.eval.num_overlays = 8
   # Arguments of tdmi_jax.data.synthesize.generate() when data.manual_dir is missing.
   config.synthetic = dict(videos=22, frames=36, image_size=(240, 320), seed=0)
   config.batch_size = 16

@@ -41,6 +41,7 @@ from tdmi_jax import checkpointing
 from tdmi_jax import transforms
 from tdmi_jax import video_io
 from tdmi_jax.evaluation import decode
+from tdmi_jax.evaluation import overlay
 from tdmi_jax.evaluation import writer
 from tdmi_jax.models import tdmi
 
@@ -199,26 +200,6 @@ class PlainRunner:
 # --- Overlays -----------------------------------------------------------------------------
 
 
-def draw_overlay(image, people, score_thresh=0.2):
-  """Skeleton and joints on an RGB frame; colour runs red (low) to green (high confidence)."""
-  import cv2  # pylint: disable=g-import-not-at-top
-  canvas = np.ascontiguousarray(image[..., ::-1]).copy()
-  thick = max(2, int(round(max(image.shape[:2]) / 400)))
-  colour = lambda s: (0, int(255 * min(max(s, 0), 1)), int(255 * (1 - min(max(s, 0), 1))))
-  for p in people:
-    kp = p['keypoints']
-    conf = kp[:, 2] / max(p.get('box_score', 1.0), 1e-6)
-    for a, b in common.SKELETON:
-      if min(conf[a], conf[b]) >= score_thresh:
-        cv2.line(canvas, tuple(int(v) for v in kp[a, :2]), tuple(int(v) for v in kp[b, :2]),
-                 colour(min(conf[a], conf[b])), thick, cv2.LINE_AA)
-    for k in range(len(kp)):
-      if conf[k] >= score_thresh and k not in (3, 4):  # Ears are never annotated.
-        cv2.circle(canvas, (int(kp[k, 0]), int(kp[k, 1])), thick + 2, colour(conf[k]), -1,
-                   cv2.LINE_AA)
-  return canvas[..., ::-1]
-
-
 def write_overlays(out_dir, clip, people_per_frame, png=True):
   import cv2  # pylint: disable=g-import-not-at-top
   h, w = clip.frames.shape[1:3]
@@ -227,7 +208,7 @@ def write_overlays(out_dir, clip, people_per_frame, png=True):
   if png:
     os.makedirs(os.path.join(out_dir, 'frames'), exist_ok=True)
   for t, frame in enumerate(clip.frames):
-    img = draw_overlay(frame, people_per_frame[t])
+    img = overlay.draw(frame, people_per_frame[t])
     vw.write(np.ascontiguousarray(img[..., ::-1]))
     if png:
       Image.fromarray(img).save(os.path.join(out_dir, 'frames', f'{t:06d}.png'))

@@ -101,6 +101,26 @@ def sync(name):
     multihost_utils.sync_global_devices(name)
 
 
+def gather_rows(local):
+  """Concatenates every process's host rows (a dict of numpy arrays) in process order.
+
+  int64 columns (PoseTrack image ids exceed int32) travel as two int32 halves, since jax
+  arrays are 32-bit unless x64 is enabled.
+  """
+  if jax.process_count() == 1:
+    return local
+  out = {}
+  for k, v in local.items():
+    v = np.asarray(v)
+    if v.dtype == np.int64:
+      hi, lo = (v >> 31).astype(np.int32), (v & (2**31 - 1)).astype(np.int32)
+      hi, lo = (np.asarray(multihost_utils.process_allgather(a, tiled=True)) for a in (hi, lo))
+      out[k] = (hi.astype(np.int64) << 31) | lo.astype(np.int64)
+    else:
+      out[k] = np.asarray(multihost_utils.process_allgather(v, tiled=True))
+  return out
+
+
 def local_rows(x):
   """This process's rows of a batch-sharded array, as numpy (in global row order)."""
   shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)

@@ -28,11 +28,16 @@ import tqdm
 
 from datasets.posetrack import posetrack_dataset_builder as ptb
 from tdmi_jax import checkpointing
+from tdmi_jax import evaluate as evaluate_cli
 from tdmi_jax import input_pipeline
 from tdmi_jax import optim
 from tdmi_jax import sharding
 from tdmi_jax import state as state_lib
 from tdmi_jax import train_step as train_step_lib
+from tdmi_jax.evaluation import decode as eval_decode
+from tdmi_jax.evaluation import overlay
+from tdmi_jax.evaluation import posetrack_map
+from tdmi_jax.evaluation import run as eval_run
 from tdmi_jax.models import mi
 from tdmi_jax.models import tdmi
 
@@ -142,16 +147,54 @@ class _Log:
 
 
 def map_evaluation(config, workdir, step, predict_fn):
-  """HOOK (PoseTrack mAP): the evaluation issue plugs in here.
+  """PoseTrack mAP on val detector boxes: predictions/<step>/ and eval_results.json.
 
-  `predict_fn(batch) -> heatmaps` (numpy, this process's rows) runs the current model on a
-  host batch of `input_pipeline.EvalData(config.data, config.eval_batch_size)` (detector
-  boxes). The hook writes the prediction files and eval_results.json under `workdir` and
-  returns a flat dict of scalars to log (e.g. {'map/Total': ...}). Until it is plugged in,
-  the periodic eval reports the val heatmap loss and PCK only.
+  `predict_fn(batch) -> heatmaps` (numpy, this process's rows). Every process predicts its
+  slice; process 0 gathers the rows, writes the files and evaluates. Returns flat metrics
+  ({'map/Total': ..., 'map_degraded/Total': ... on synthetic data}); {} when
+  config.eval.map is off.
   """
-  del config, workdir, step, predict_fn
-  return {}
+  if not config.eval.map:
+    return {}
+  data_cfg = config.data.copy_and_resolve_references()
+  data_cfg.use_gt_boxes_for_val = config.eval.use_gt_boxes
+  eval_data = input_pipeline.EvalData(data_cfg, config.eval_batch_size)
+  meta_keys = ('center', 'scale', 'rotation', 'box_score', 'image_id', 'mask')
+
+  def gathered_batches():
+    for batch in eval_data:
+      # Runs on every process (the step is collective); only process 0 keeps the result.
+      heatmaps = predict_fn(batch)
+      if config.eval.flip_test:
+        mirrored = dict(batch, frames=np.ascontiguousarray(batch['frames'][..., ::-1, :]))
+        heatmaps = eval_decode.fuse_flip(heatmaps, predict_fn(mirrored))
+      rows = sharding.gather_rows({'heatmaps': np.asarray(heatmaps, np.float32),
+                                   **{k: batch[k] for k in meta_keys}})
+      yield rows
+
+  predictions = {}
+  for rows in tqdm.tqdm(gathered_batches(), total=eval_data.num_batches, desc='mAP eval',
+                        leave=False, disable=not sharding.is_writer()):
+    for image_id, people in eval_decode.batch_predictions(
+        rows, rows['heatmaps'], config.eval.decode).items():
+      predictions.setdefault(image_id, []).extend(people)
+  metrics = {}
+  if sharding.is_writer():
+    gt_dir = input_pipeline.val_gt_dir(data_cfg)
+    results = eval_run.finalize(predictions, gt_dir, workdir, step)
+    if config.eval.num_overlays:
+      overlay.write_eval_overlays(
+          predictions, posetrack_map.gt_files(gt_dir), data_cfg.manual_dir,
+          os.path.join(workdir, 'overlays', str(int(step))), config.eval.num_overlays)
+    print(f'PoseTrack mAP at step {int(step)} ({results["all"]["num_frames"]} frames):')
+    print(evaluate_cli.format_table(results['all']))
+    for name in ('clean', 'degraded'):
+      if name in results:
+        print(f'{name} key frames ({results[name]["num_frames"]} frames): Total '
+              f'{results[name]["summary"]["Total"]:.1f}')
+    metrics = eval_run.flat_metrics(results)
+  sharding.sync('map_evaluation')
+  return metrics
 
 
 def evaluate(config, workdir, step, state, eval_step, eval_data, mesh):

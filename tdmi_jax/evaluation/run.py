@@ -81,15 +81,12 @@ def _jsonable(x):
   return x
 
 
-def evaluate_model(predict_fn, eval_data, gt_dir, workdir, step, *, flip_test=False,
-                   method='quarter', progress=True):
-  """Predicts, writes `<workdir>/predictions/<step>/`, evaluates; returns the results.
+def finalize(predictions, gt_dir, workdir, step):
+  """Writes `<workdir>/predictions/<step>/`, evaluates it, writes the results files.
 
   Returns {'all': {...}, optionally 'clean'/'degraded'}; `eval_results.json` holds 'all'
-  (the CLI schema) plus a 'subsets' entry with the others.
+  (the CLI schema) plus 'step' and a 'subsets' entry with the others.
   """
-  predictions = predict(predict_fn, eval_data, flip_test=flip_test, method=method,
-                        progress=progress)
   pred_dir = os.path.join(workdir, 'predictions', str(int(step)))
   writer.write_predictions(predictions, gt_dir, pred_dir)
   results = evaluate_subsets(gt_dir, pred_dir)
@@ -100,6 +97,14 @@ def evaluate_model(predict_fn, eval_data, gt_dir, workdir, step, *, flip_test=Fa
   write_results(out, os.path.join(workdir, f'eval_results_{int(step)}.json'))
   write_results(out, os.path.join(workdir, 'eval_results.json'))
   return results
+
+
+def evaluate_model(predict_fn, eval_data, gt_dir, workdir, step, *, flip_test=False,
+                   method='quarter', progress=True):
+  """`predict` then `finalize`, in one process."""
+  predictions = predict(predict_fn, eval_data, flip_test=flip_test, method=method,
+                        progress=progress)
+  return finalize(predictions, gt_dir, workdir, step)
 
 
 def flat_metrics(results):
