@@ -210,12 +210,18 @@ def evaluate(config, workdir, step, state, eval_step, eval_data, mesh):
              'pck': float(totals['pck_correct']) / max(float(totals['pck_total']), 1.0),
              'num_boxes': float(totals['num_examples'])}
 
+  metrics.update(map_evaluation(config, workdir, step, make_predict_fn(state, eval_step, mesh)))
+  return metrics
+
+
+def make_predict_fn(state, eval_step, mesh):
+  """`batch -> heatmaps` (numpy, this process's rows) of `state`: map_evaluation's input."""
+
   def predict_fn(batch):
     _, heatmaps = eval_step(state, sharding.shard_batch(batch, mesh, train_step_lib.TRAIN_KEYS))
     return sharding.local_rows(heatmaps)
 
-  metrics.update(map_evaluation(config, workdir, step, predict_fn))
-  return metrics
+  return predict_fn
 
 
 def _gt_box_eval_data(config):
@@ -223,6 +229,41 @@ def _gt_box_eval_data(config):
   data_cfg = config.data.copy_and_resolve_references()
   data_cfg.use_gt_boxes_for_val = True
   return input_pipeline.EvalData(data_cfg, config.eval_batch_size)
+
+
+def create_state(config, mesh, steps_per_epoch, mode='train_and_eval'):
+  """The model and its initial replicated TrainState (config.init_from applied).
+
+  Returns (model, state, mask, tx, schedule, club_tx). Also the restore target of batch
+  evaluation, so checkpoints of `train_and_evaluate` always fit it.
+  """
+  model = tdmi.build_model(config.model)
+  h, w = config.data.image_size
+  dummy = jnp.zeros((1, 5, h, w, 3), jnp.float32)
+  # unsafe_rbg: the init of an HRNet compiles ~3x faster than with threefry keys; still a
+  # deterministic function of the seed on a given backend.
+  init_rng, club_rng = jax.random.split(jax.random.key(config.seed, impl='unsafe_rbg'))
+  variables = jax.jit(lambda r: model.init(r, dummy, train=False))(init_rng)
+  variables = {'params': variables['params'],
+               'batch_stats': variables.get('batch_stats', {})}
+  if config.init_from:
+    variables = checkpointing.apply_pretrained(
+        variables, checkpointing.load_pretrained(config.init_from), config.init_from_kind)
+  elif config.model.backbone.frozen and mode != 'eval':
+    logging.warning('The backbone is frozen but config.init_from is empty: it stays at its '
+                    'random initialisation (a resumed run restores its weights anyway).')
+  mask = tdmi.trainable_mask(variables['params'], config.model)
+  tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch)
+  club_tx = club_params = None
+  if config.mi.enabled and config.mi.estimator == 'club':
+    _, aux_shapes = jax.eval_shape(
+        lambda v: model.apply(v, dummy, train=False), variables)
+    if 'useful' in aux_shapes:
+      club_tx = optim.make_club_optimizer(config.mi)
+      club_params = mi.init_club(club_rng, config.mi, aux_shapes['useful'].shape[-1])['params']
+  state = state_lib.create(variables, mask, tx, club_params, club_tx)
+  state = sharding.replicate(state, mesh)
+  return model, state, mask, tx, schedule, club_tx
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mode='train_and_eval'):
@@ -252,32 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mode='tr
                else int(math.ceil(config.num_epochs * steps_per_epoch)))
 
   # --- Model, optimizer, initial state ----------------------------------------------
-  model = tdmi.build_model(config.model)
-  h, w = config.data.image_size
-  dummy = jnp.zeros((1, 5, h, w, 3), jnp.float32)
-  # unsafe_rbg: the init of an HRNet compiles ~3x faster than with threefry keys; still a
-  # deterministic function of the seed on a given backend.
-  init_rng, club_rng = jax.random.split(jax.random.key(config.seed, impl='unsafe_rbg'))
-  variables = jax.jit(lambda r: model.init(r, dummy, train=False))(init_rng)
-  variables = {'params': variables['params'],
-               'batch_stats': variables.get('batch_stats', {})}
-  if config.init_from:
-    variables = checkpointing.apply_pretrained(
-        variables, checkpointing.load_pretrained(config.init_from), config.init_from_kind)
-  elif config.model.backbone.frozen and mode != 'eval':
-    logging.warning('The backbone is frozen but config.init_from is empty: it stays at its '
-                    'random initialisation (a resumed run restores its weights anyway).')
-  mask = tdmi.trainable_mask(variables['params'], config.model)
-  tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch)
-  club_tx = club_params = None
-  if config.mi.enabled and config.mi.estimator == 'club':
-    _, aux_shapes = jax.eval_shape(
-        lambda v: model.apply(v, dummy, train=False), variables)
-    if 'useful' in aux_shapes:
-      club_tx = optim.make_club_optimizer(config.mi)
-      club_params = mi.init_club(club_rng, config.mi, aux_shapes['useful'].shape[-1])['params']
-  state = state_lib.create(variables, mask, tx, club_params, club_tx)
-  state = sharding.replicate(state, mesh)
+  model, state, mask, tx, schedule, club_tx = create_state(config, mesh, steps_per_epoch, mode)
   logging.info('Parameters: %d total, %d trainable; %d steps (%d per epoch).',
                optim.count(state.params), optim.count(optim.split_params(state.params, mask)[0]),
                num_steps, steps_per_epoch)
