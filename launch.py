@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from tdmi_jax import sharding
 from tdmi_jax import train
+from tdmi_jax import workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/synthetic.py', 'Training config file (path[:args]).',
@@ -36,6 +37,9 @@ def main(argv):
   logging.info("Process %d of %d", jax.process_index(), jax.process_count())
   try:
     train.train_and_evaluate(config, _WORKDIR.value, _MODE.value)
+  except workdir_lock.WorkdirInUseError as e:
+    print(f'ERROR: {e}', file=sys.stderr)
+    sys.exit(1)
   except (train.NonFiniteLossError, FileNotFoundError, ValueError) as e:
     # Clear error, non-zero exit; the traceback stays in the log for debugging.
     logging.exception('Run failed')

@@ -11,6 +11,7 @@ import os
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -24,6 +25,9 @@ class Checkpoints:
         max_to_keep=ckpt_cfg.max_to_keep,
         keep_period=ckpt_cfg.keep_period or None,
         create=True,
+        # Leftovers of a save cut short by a kill; safe, the workdir lock (workdir_lock.py)
+        # guarantees no other run is saving here.
+        cleanup_tmp_directories=True,
         enable_async_checkpointing=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'data'))
@@ -49,6 +53,46 @@ class Checkpoints:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                       data=ocp.args.JsonRestore()))
     return out.state, dict(out.data)
+
+  def restore_latest_good(self, abstract_state):
+    """(state, data_position) of the newest checkpoint that restores.
+
+    A committed checkpoint whose files were truncated or deleted afterwards fails to
+    restore: it is skipped with a warning and moved to `<directory>.corrupt/<step>` (kept
+    for inspection; left in place, orbax would neither overwrite it nor save that step
+    again). If no checkpoint restores, nothing is moved and the error names every step's
+    failure (a changed model or config fails on all of them).
+    """
+    failed = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.restore(abstract_state, step)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('Checkpoint step %d in %s does not restore (%s: %s); trying the '
+                        'previous one.', step, self.directory, type(e).__name__, e)
+        failed.append((step, f'{type(e).__name__}: {e}'))
+        continue
+      if failed:
+        self._set_aside([s for s, _ in failed])
+      return restored
+    details = '; '.join(f'step {s}: {msg[:300]}' for s, msg in failed)
+    raise ValueError(f'No checkpoint in {self.directory} can be restored ({details}). '
+                     'If the model or config changed, use a new workdir.')
+
+  def _set_aside(self, steps):
+    aside = self.directory + '.corrupt'
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        dst = os.path.join(aside, str(step))
+        n = 1
+        while os.path.exists(dst):
+          dst, n = os.path.join(aside, f'{step}_{n}'), n + 1
+        os.replace(os.path.join(self.directory, str(step)), dst)
+        logging.warning('Moved the unreadable checkpoint step %d to %s.', step, dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('checkpoints_set_aside')
+    self.manager.reload()
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -34,6 +34,7 @@ from tdmi_jax import optim
 from tdmi_jax import sharding
 from tdmi_jax import state as state_lib
 from tdmi_jax import train_step as train_step_lib
+from tdmi_jax import workdir_lock
 from tdmi_jax.evaluation import decode as eval_decode
 from tdmi_jax.evaluation import overlay
 from tdmi_jax.evaluation import posetrack_map
@@ -120,14 +121,43 @@ def _write_json(path, obj):
   os.replace(tmp, path)
 
 
+def _rewind_metrics(path, step):
+  """Drops the rows after `step` (and a torn last line): a run killed after its last
+  checkpoint logged steps that the resumed run repeats."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)['step'] <= step:
+        keep.append(line if line.endswith('\n') else line + '\n')
+    except (ValueError, KeyError, TypeError):
+      pass
+  if len(keep) != len(lines):
+    logging.warning('%s: dropping %d rows logged after step %d (the resumed checkpoint).',
+                    path, len(lines) - len(keep), step)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+
+
 class _Log:
   """metrics.jsonl + TensorBoard, written by process 0 only."""
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, rewind_to=None):
     self.on = sharding.is_writer()
     if self.on:
-      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-      self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tb'))
+      path = os.path.join(workdir, 'metrics.jsonl')
+      if rewind_to is not None:
+        _rewind_metrics(path, rewind_to)
+      self.jsonl = open(path, 'a')
+      # purge_step hides TensorBoard events of the steps that the resumed run repeats.
+      self.tb = tensorboardX.SummaryWriter(
+          os.path.join(workdir, 'tb'),
+          purge_step=None if rewind_to is None else rewind_to + 1)
 
   def write(self, step, split, metrics):
     if not self.on:
@@ -269,8 +299,15 @@ def create_state(config, mesh, steps_per_epoch, mode='train_and_eval'):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mode='train_and_eval'):
   """Trains (resuming from `workdir` if it holds checkpoints) and/or evaluates.
 
-  Returns the last metrics: {'train': {...}, 'eval': {...}} (whichever ran).
+  Returns the last metrics: {'train': {...}, 'eval': {...}} (whichever ran). Holds the
+  workdir lock throughout: a second run on the same workdir raises WorkdirInUseError.
   """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  with workdir_lock.hold(workdir, enabled=sharding.is_writer()):
+    return _train_and_evaluate(config, workdir, mode)
+
+
+def _train_and_evaluate(config, workdir, mode):
   if mode not in MODES:
     raise ValueError(f'--mode={mode!r}; expected one of {MODES}')
   # --- Workdir, config, data --------------------------------------------------------
@@ -302,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mode='tr
   ckpts = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'), config.checkpoint)
   start_step = 0
   if ckpts.latest_step() is not None:
-    state, position = ckpts.restore(state)
+    state, position = ckpts.restore_latest_good(state)
     start_step = checkpointing.check_data_position(position, config)
     logging.info('Resumed from %s at step %d.', ckpts.directory, start_step)
   elif mode == 'eval' and not config.init_from:
@@ -312,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mode='tr
     _write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
 
   eval_step = train_step_lib.make_eval_step(model=model, mesh=mesh)
-  log = _Log(workdir)
+  log = _Log(workdir, rewind_to=None if mode == 'eval' else start_step)
   results = {}
   try:
     # --- Evaluation only --------------------------------------------------------------
