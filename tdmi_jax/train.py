@@ -8,6 +8,8 @@ Workdir layout:
   metrics.jsonl        one JSON object per log/eval event: {"step", "split", metrics...}.
   tb/                  TensorBoard event files (tensorboardX).
   checkpoints/<step>/  orbax: the train state and the data position.
+  checkpoints.corrupt/ checkpoints that failed to restore, set aside on resume.
+  .lock                held (flock) by the run using the workdir; names its PID.
   data/                the synthetic dataset and its TFDS build (configs/synthetic.py only).
 """
 
