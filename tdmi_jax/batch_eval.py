@@ -147,6 +147,25 @@ def write_outputs(rows, workdir):
   return out_dir
 
 
+def abstract_state(config, mesh):
+  """(model, restore target): the driver's own TrainState, as replicated shapes only.
+
+  The same `train.create_state` as training, so its checkpoints fit; traced with
+  eval_shape, so nothing is initialised or compiled. The optimizer state is restored too
+  (orbax needs the whole tree) and then ignored.
+  """
+  built = {}
+
+  def build():
+    built['model'], state, *_ = train.create_state(config, mesh, 1, mode='eval')
+    return state
+
+  shapes = jax.eval_shape(build)
+  replicated = sharding.replicated(mesh)
+  return built['model'], jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
+
+
 def run(config, workdir, steps='all', reuse=False):
   """Evaluates the chosen checkpoints of `workdir`; returns the table rows, sorted by step."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -166,9 +185,7 @@ def run(config, workdir, steps='all', reuse=False):
     train.prepare_data(config, workdir)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-    # Same model and state as the driver builds, so its checkpoints fit; the optimizer
-    # state is restored too (orbax needs the whole tree) and then ignored.
-    model, state, *_ = train.create_state(config, mesh, 1, mode='eval')
+    model, state = abstract_state(config, mesh)
     eval_step = train_step_lib.make_eval_step(model=model, mesh=mesh)
     ckpts = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'), config.checkpoint)
   rows = []

@@ -56,9 +56,22 @@ def trained(tmp_path_factory):
   assert batch_eval.available_steps(workdir) == [2, 4]
   # The driver's own final evaluation of the in-memory state at step 4.
   during_training = _results(workdir, 4)
+  during_training['predictions'] = _predictions(workdir, 4)
   os.remove(os.path.join(workdir, 'eval_results_4.json'))
   rows = batch_eval.run(_config(), workdir, steps='all')
   return workdir, during_training, rows
+
+
+def _predictions(workdir, step):
+  """{file: [(image_id, keypoints)]} of predictions/<step>/."""
+  pred_dir = os.path.join(workdir, 'predictions', str(step))
+  out = {}
+  for name in sorted(os.listdir(pred_dir)):
+    with open(os.path.join(pred_dir, name)) as f:
+      data = json.load(f)
+    out[name] = [(a['image_id'], a['keypoints']) for a in data['annotations']]
+  assert out and any(out.values())
+  return out
 
 
 def test_all_steps_write_csv_md_png_matching_eval_results(trained):
@@ -80,6 +93,13 @@ def test_all_steps_write_csv_md_png_matching_eval_results(trained):
   # The restored step-4 checkpoint scores exactly what the training process measured.
   assert rows[1]['Total'] == during_training['summary']['Total']
   assert _results(workdir, 4)['summary'] == during_training['summary']
+  # mAP is 0 after 4 steps, so also compare the predicted keypoints themselves.
+  restored = _predictions(workdir, 4)
+  assert restored.keys() == during_training['predictions'].keys()
+  for name, people in restored.items():
+    want = during_training['predictions'][name]
+    assert [i for i, _ in people] == [i for i, _ in want]
+    np.testing.assert_allclose([k for _, k in people], [k for _, k in want], rtol=1e-6)
   md = open(os.path.join(workdir, 'batch_eval', 'map_per_step.md')).read().splitlines()
   assert md[0].startswith('| step | right_ankle |') and md[0].endswith('| Total |')
   assert len(md) == 4 and md[2].startswith('| 2 |') and md[3].startswith('| 4 |')
@@ -123,8 +143,9 @@ def test_unknown_step_fails_listing_available_steps(trained):
   assert proc.returncode != 0
   assert 'no checkpoint for step(s) [3]' in proc.stderr
   assert 'available steps: [2, 4]' in proc.stderr
-  proc = _cli(workdir, '--steps=latest')
-  assert proc.returncode != 0 and "--steps='latest'" in proc.stderr
+  with pytest.raises(batch_eval.BatchEvalError, match="--steps='latest': expected 'all'"):
+    batch_eval.select_steps('latest', [2, 4])
+  assert batch_eval.select_steps('4, 2,4', [2, 4]) == [2, 4]
 
 
 def test_workdir_without_checkpoints_fails_clearly(tmp_path):
@@ -134,7 +155,12 @@ def test_workdir_without_checkpoints_fails_clearly(tmp_path):
   assert not (tmp_path / 'empty').exists()  # nothing created on bad input
 
 
-def test_unrestorable_checkpoint_names_it(tmp_path):
+def test_unrestorable_checkpoint_names_it(trained, tmp_path):
+  workdir, _, _ = trained
   os.makedirs(tmp_path / 'checkpoints' / '2' / 'state')
+  config = _config()
+  config.data.manual_dir = os.path.join(workdir, 'data', 'synthetic')  # no new dataset
+  config.data.data_dir = os.path.join(workdir, 'data', 'tfds')
   with pytest.raises(batch_eval.BatchEvalError, match='Cannot restore .*checkpoints/2'):
-    batch_eval.run(_config(), str(tmp_path), steps='2')
+    batch_eval.run(config, str(tmp_path), steps='2')
+  assert not (tmp_path / 'batch_eval').exists()
