@@ -33,7 +33,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  sharding.maybe_initialize_distributed(config.distributed)
+  try:
+    distributed = config.distributed
+  except OSError as e:  # A --config file that does not load is reported lazily, here.
+    _fail(e)
+  sharding.maybe_initialize_distributed(distributed)
   logging.info("Process %d of %d", jax.process_index(), jax.process_count())
   try:
     train.train_and_evaluate(config, _WORKDIR.value, _MODE.value)
@@ -47,5 +51,25 @@ def main(argv):
     sys.exit(1)
 
 
+def _fail(e):
+  """One or two lines naming the bad flag/field (no traceback), exit status 2."""
+  # ml_collections embeds escaped newlines and the config's traceback in its messages;
+  # keep the first line and the final exception line.
+  text = str(e).replace('\\n', '\n').replace("\\'", "'")
+  lines = [l.strip().strip('\'"') for l in text.splitlines() if l.strip().strip('\'"')]
+  message = lines[0] if len(lines) < 2 else f'{lines[0]} ... {lines[-1]}'
+  print(f'ERROR: bad command-line flag or config ({type(e).__name__}): {message}',
+        file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl's parser, with a short error for a bad --config file, argument or override."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    _fail(e)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -149,9 +149,15 @@ def test_misspelt_override_fails_clearly(env, tmp_path):
       [sys.executable, 'launch.py', RUNLOCAL, f'--workdir={tmp_path}',
        '--config.optim.learnin_rate=0.1'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode != 0
-  assert 'learnin_rate' in proc.stderr
+  assert proc.returncode == 2
+  assert 'Did you mean "learning_rate"' in proc.stderr
+  assert 'Traceback' not in proc.stderr  # One clear line, not a stack dump.
   assert not (tmp_path / 'checkpoints').exists()
+  proc = subprocess.run(
+      [sys.executable, 'launch.py', '--config=configs/synthetic.py:runloca',
+       f'--workdir={tmp_path}'], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 2 and "Unknown config argument 'runloca'" in proc.stderr
 
 
 def test_missing_dataset_names_the_download_instructions(env, tmp_path):
