@@ -120,12 +120,16 @@ def plot(rows, path):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   steps = [r['step'] for r in rows]
   fig, ax = plt.subplots(figsize=(8, 5))
   for c in SUMMARY_COLUMNS:
     total = c == 'Total'
     ax.plot(steps, [r[c] for r in rows], marker='o', label=c, linewidth=3 if total else 1.2,
             color='black' if total else None, zorder=3 if total else 2)
+  finite = [r[c] for r in rows for c in SUMMARY_COLUMNS if not math.isnan(r[c])]
+  ax.set_ylim(0, max(finite + [1.0]) * 1.05)
+  ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
   ax.set_xlabel('step')
   ax.set_ylabel('PoseTrack AP (%)')
   ax.set_title('mAP over training steps')
