@@ -27,10 +27,10 @@ from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+import orbax.checkpoint as ocp
 import tqdm
 
 from configs import common
-from tdmi_jax import checkpointing
 from tdmi_jax import sharding
 from tdmi_jax import train
 from tdmi_jax import train_step as train_step_lib
@@ -184,24 +184,27 @@ def run(config, workdir, steps='all', reuse=False):
   config = config.copy_and_resolve_references()
   config.eval.map = True  # The whole point here.
   config.init_from = ''   # Every weight comes from the restored checkpoint.
-  ckpts = eval_step = state = mesh = None
+  ckptr = eval_step = state = mesh = None
   if todo:
     train.prepare_data(config, workdir)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
     model, state = abstract_state(config, mesh)
     eval_step = train_step_lib.make_eval_step(model=model, mesh=mesh)
-    ckpts = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'), config.checkpoint)
+    # Read-only: checkpointing.Checkpoints (a CheckpointManager) would clean up the
+    # unfinished saves of a training run that may still be writing this workdir.
+    ckptr = ocp.StandardCheckpointer()
   rows = []
   try:
     for step in tqdm.tqdm(chosen, desc='batch eval', unit='ckpt',
                           disable=not sharding.is_writer()):
       if step in todo:
+        path = os.path.join(workdir, 'checkpoints', str(step), 'state')
         try:
-          restored, _ = ckpts.restore(state, step)
+          restored = ckptr.restore(path, state)
         except Exception as e:  # pylint: disable=broad-except
           raise BatchEvalError(
-              f'Cannot restore {os.path.join(ckpts.directory, str(step))} into the model of '
+              f'Cannot restore {path} into the model of '
               f'this --config ({e}); pass the training run\'s config and overrides '
               f'(see {os.path.join(workdir, "config.json")}).') from e
         train.map_evaluation(config, workdir, step,
@@ -209,8 +212,8 @@ def run(config, workdir, steps='all', reuse=False):
         del restored
       rows.append(read_row(workdir, step) if sharding.is_writer() else {'step': step})
   finally:
-    if ckpts is not None:
-      ckpts.close()
+    if ckptr is not None:
+      ckptr.close()
   if sharding.is_writer():
     out_dir = write_outputs(rows, workdir)
     logging.info('Batch eval tables written to %s', out_dir)

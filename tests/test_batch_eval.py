@@ -58,7 +58,11 @@ def trained(tmp_path_factory):
   during_training = _results(workdir, 4)
   during_training['predictions'] = _predictions(workdir, 4)
   os.remove(os.path.join(workdir, 'eval_results_4.json'))
+  # What a training run still saving here looks like: batch eval must neither list nor
+  # clean it up.
+  os.makedirs(os.path.join(workdir, 'checkpoints', '6.orbax-checkpoint-tmp-1', 'state'))
   rows = batch_eval.run(_config(), workdir, steps='all')
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '6.orbax-checkpoint-tmp-1'))
   return workdir, during_training, rows
 
 
