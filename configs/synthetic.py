@@ -51,9 +51,17 @@ def get_config(arg=None):
   config.num_epochs = 2.0
   config.optim.decay_epochs = (1.5,)
   config.log_every_steps = 10
-  config.eval_every_steps = 100
+  config.eval_every_steps = 0        # Evaluate once, at the end: keeps the run near 10 min.
   config.checkpoint.every_steps = 100
+  # At this CPU budget the MI terms at the SPEC's weights (alpha = beta = gamma = 1) swamp
+  # the heatmap loss and the model learns no poses: with 'kl' the total loss runs to about
+  # -200 and val mAP stays at 0.0; with 'reference' the heatmap loss stalls at the
+  # all-zero level. (Measured by tdmi_jax/experiments/hard_frames.py, see RESULTS.md.) The
+  # quick start therefore trains the TDMI network on the heatmap loss alone; switch the
+  # objective on with --config.mi.enabled=True.
+  config.mi.enabled = False
   if arg.runlocal:
+    config.mi.enabled = True  # The smoke test exercises the full objective.
     config.synthetic = dict(videos=2, frames=8, image_size=(96, 128), seed=0)
     config.batch_size = 2
     config.eval_batch_size = 4
