@@ -132,3 +132,22 @@ def test_signal_stopped_run_is_not_cached(tmp_path, monkeypatch):
   else:
     raise AssertionError('a stopped run must not look finished')
   assert not (tmp_path / 'runs' / 'single_frame_s0' / 'result.json').exists()
+
+
+def test_report_only_tabulates_finished_runs(tmp_path, monkeypatch):
+  def fake_train(config, workdir, mode):
+    del workdir, mode
+    ev = {f'map_{s}/{c}': 30.0 + config.seed for s in ('clean', 'degraded') for c in COLUMNS}
+    return {'train': {'loss': 0.1}, 'eval': ev}
+
+  monkeypatch.setattr(train, 'train_and_evaluate', fake_train)
+  monkeypatch.setattr(hard_frames, '_decay_at', lambda config, steps, data_root: None)
+  # Two seeds run as two separate invocations, then gathered without training.
+  hard_frames.main(['--workdir', str(tmp_path), '--steps', '3', '--seeds', '0'])
+  hard_frames.main(['--workdir', str(tmp_path), '--steps', '3', '--seeds', '1'])
+  monkeypatch.setattr(train, 'train_and_evaluate', None)  # Any training call would fail.
+  hard_frames.main(['--workdir', str(tmp_path), '--steps', '3', '--seeds', '0,1',
+                    '--report_only'])
+  results = _check_schema(tmp_path / 'results.json', VARIANTS)
+  assert results['tdmi_club']['clean']['Total'] == 30.5
+  assert '| tdmi_club | 2 | 30.5 ± 0.7 |' in (tmp_path / 'results.md').read_text()
