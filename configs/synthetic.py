@@ -13,16 +13,11 @@ There is no pretrained backbone for synthetic people, so here the tiny HRNet bac
 trained together with TDMI (model.backbone.frozen=False, BatchNorm 'live'); the PoseTrack
 configs keep the paper's frozen, COCO-pretrained backbone.
 
-Expected result (measured 2026-11-21 on the shared 2-core CPU at load average 8-10, i.e.
-several times slower than an idle box): synthesis 4 s, 224 steps of batch 16, evals at
-steps 100, 200 and 224 (heatmap loss, PCK, PoseTrack mAP on 360 val boxes), 1014 s wall in
-all. The run completes and writes checkpoints, metrics.jsonl, TensorBoard events,
-predictions and overlays, but with the default MI objective it does NOT learn poses: the
-total loss goes to about -200..-400, dominated by the divergence terms (reference signs,
-SPEC §6), the heatmap loss stays on the all-zero plateau (0.0031) and at step 224 val PCK
-is 0.02 % and mAP Total 0.01 %. The same run with `--config.mi.enabled=False
---config.num_train_steps=100` (485 s wall) reaches val PCK 28.6 % and mAP Total 4.8 at
-step 100. The MI variants are compared properly by tdmi_jax/experiments/hard_frames.py.
+Expected result (measured 2026-11-21 on the shared 2-core CPU): synthesis 4 s, 224 steps of
+batch 16, one eval at the end: 7 min 5 s wall in all; val PCK 27.3 %, PoseTrack mAP Total 4.0
+(clean key frames 4.8, degraded 2.8). Earlier measurement with the MI objective on at the
+SPEC's weights (load average 8-10): the total loss runs to about -200..-400, the heatmap loss
+stays on the all-zero plateau (0.0031) and mAP is 0.01 %, hence mi.enabled=False below.
 """
 
 from configs import common

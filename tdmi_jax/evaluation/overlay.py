@@ -53,6 +53,7 @@ def write_eval_overlays(predictions, gt_files, image_root, out_dir, count):
     people = [dict(p, box_score=1.0) for p in predictions.get(int(im['id']), [])]
     tag = im.get('degradation', 'none')
     name = f"{os.path.splitext(im['file_name'].replace('/', '_'))[0]}_{tag}.png"
-    Image.fromarray(draw(image, people)).save(os.path.join(out_dir, name))
+    # Every predicted joint, coloured by confidence: weak models stay visible.
+    Image.fromarray(draw(image, people, score_thresh=0.0)).save(os.path.join(out_dir, name))
     written.append(os.path.join(out_dir, name))
   return written
