@@ -151,3 +151,21 @@ def test_report_only_tabulates_finished_runs(tmp_path, monkeypatch):
   results = _check_schema(tmp_path / 'results.json', VARIANTS)
   assert results['tdmi_club']['clean']['Total'] == 30.5
   assert '| tdmi_club | 2 | 30.5 ± 0.7 |' in (tmp_path / 'results.md').read_text()
+
+
+def test_mi_weight_scales_only_mi_variants(tmp_path, monkeypatch):
+  calls = []
+
+  def fake_train(config, workdir, mode):
+    del workdir, mode
+    calls.append(config)
+    return {'train': {}, 'eval': {}}
+
+  monkeypatch.setattr(train, 'train_and_evaluate', fake_train)
+  monkeypatch.setattr(hard_frames, '_decay_at', lambda config, steps, data_root: None)
+  hard_frames.main(['--workdir', str(tmp_path), '--steps', '3', '--seeds', '0',
+                    '--mi_weight', '0.01', '--variants', 'tdmi_reference'])
+  assert [c.model.arch for c in calls] == ['single_frame', 'tdmi']
+  mi = calls[1].mi
+  assert (mi.alpha, mi.beta, mi.gamma, mi.divergence) == (0.01, 0.01, 0.01, 'reference')
+  assert list(json.loads((tmp_path / 'results.json').read_text())) == ['tdmi_reference']

@@ -53,7 +53,8 @@ FULL = dict(steps=150, seeds=(0, 1), grad_clip_norm=1.0)
 QUICK = dict(steps=3, seeds=(0,), grad_clip_norm=1.0)
 
 
-def make_config(variant, seed, steps, data_root, grad_clip_norm, quick, pretrained=''):
+def make_config(variant, seed, steps, data_root, grad_clip_norm, quick, pretrained='',
+                mi_weight=1.0):
   """The training config of one (variant, seed): configs/synthetic.py plus the protocol."""
   config = synthetic_config.get_config('runlocal' if quick else None).unlock()
   config.seed = seed
@@ -81,6 +82,7 @@ def make_config(variant, seed, steps, data_root, grad_clip_norm, quick, pretrain
     config.mi.enabled = variant != 'tdmi_no_mi'
     config.mi.divergence = 'reference' if variant == 'tdmi_reference' else 'kl'
     config.mi.estimator = 'club' if variant == 'tdmi_club' else 'divergence'
+    config.mi.alpha = config.mi.beta = config.mi.gamma = mi_weight
   return config
 
 
@@ -100,7 +102,7 @@ def run_one(variant, seed, args, data_root, runs_root, pretrained=''):
     with open(result_path) as f:
       return json.load(f)
   config = make_config(variant, seed, args.steps, data_root, args.grad_clip_norm, args.quick,
-                       pretrained)
+                       pretrained, args.mi_weight)
   _decay_at(config, args.steps, data_root)
   start = time.perf_counter()
   result = {'variant': variant, 'seed': seed, 'steps': args.steps, 'status': 'ok'}
@@ -149,7 +151,7 @@ def aggregate(per_run):
   return out
 
 
-def write_outputs(workdir, per_run, command, wall_s):
+def write_outputs(workdir, per_run, command, wall_s, wall_note=''):
   """results.json (means), results.md (mean ± std), results.png."""
   agg = aggregate(per_run)
   means = {v: {s: {c: round(agg[v][s][c][0], 2) for c in COLUMNS} for s in SUBSETS}
@@ -176,8 +178,7 @@ def write_outputs(workdir, per_run, command, wall_s):
                  f'{tr.get("loss", float("nan")):.4g} | '
                  f'{tr.get("heatmap_loss", float("nan")):.4g} | '
                  f'{r["clean"]["Total"]:.1f} | {r["degraded"]["Total"]:.1f} |')
-  lines += ['', f'Wall time: {wall_s / 60:.1f} min (with --report_only: the sum over the '
-            'runs; runs of different seeds may have overlapped in time).', '']
+  lines += ['', f'Wall time: {wall_s / 60:.1f} min{wall_note}.', '']
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write('\n'.join(lines))
   _plot(agg, os.path.join(workdir, 'results.png'))
@@ -214,6 +215,8 @@ def main(argv=None):
   parser.add_argument('--grad_clip_norm', type=float, default=None,
                       help='global-norm gradient clipping, the same for every variant')
   parser.add_argument('--variants', type=str, default=','.join(VARIANTS))
+  parser.add_argument('--mi_weight', type=float, default=1.0,
+                      help='mi.alpha = mi.beta = mi.gamma of the MI variants (SPEC: 1)')
   parser.add_argument('--report_only', action='store_true',
                       help='train nothing: tabulate the finished runs found under --workdir')
   args = parser.parse_args(argv)
@@ -242,7 +245,8 @@ def main(argv=None):
           with open(path) as f:
             per_run.append(json.load(f))
     wall = sum(r['wall_s'] for r in per_run)
-    return write_outputs(workdir, per_run, command, wall)
+    return write_outputs(workdir, per_run, command, wall,
+                         ' (sum over the runs; runs of different seeds may have overlapped)')
   for seed in seeds:
     base = run_one('single_frame', seed, args, data_root, runs_root)
     per_run.append(base)
