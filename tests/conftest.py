@@ -32,3 +32,12 @@ def pt18_real(shared_dir):
 @pytest.fixture(scope='session')
 def poseval_golden(shared_dir):
   return shared_dir / 'fixtures' / 'poseval_golden'
+
+
+@pytest.fixture(scope='session')
+def synthetic(tmp_path_factory):
+  """The synthetic generator's tiny preset (read-only: tests build into their own tmp dirs)."""
+  from tdmi_jax.data import synthesize  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('synth')
+  synthesize.generate(str(root), **synthesize.PRESETS['tiny'])
+  return root

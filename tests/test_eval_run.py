@@ -12,14 +12,6 @@ from tdmi_jax.evaluation import run as eval_run
 ONE = dict(process_index=0, process_count=1, device_count=1)
 
 
-@pytest.fixture(scope='module')
-def synthetic(tmp_path_factory):
-  from tdmi_jax.data import synthesize  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.mktemp('synth')
-  synthesize.generate(str(root), **synthesize.PRESETS['tiny'])
-  return root
-
-
 def _cfg(root, data_dir):
   c = common.data_config('synthetic')
   c.manual_dir = str(root)

@@ -287,14 +287,6 @@ def test_eval_skip_masks_the_box(tmp_path):
 # --- The synthetic generator's output, end to end ----------------------------------------
 
 
-@pytest.fixture(scope='module')
-def synthetic(tmp_path_factory):
-  from tdmi_jax.data import synthesize  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.mktemp('synth')
-  synthesize.generate(str(root), **synthesize.PRESETS['tiny'])
-  return root
-
-
 def test_synthetic_end_to_end(synthetic, tmp_path):
   cfg = _cfg(synthetic, tmp_path)
   cfg.name = 'synthetic'
