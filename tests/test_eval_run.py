@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from configs import common
 from tdmi_jax import input_pipeline
