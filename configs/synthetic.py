@@ -14,7 +14,7 @@ trained together with TDMI (model.backbone.frozen=False, BatchNorm 'live'); the 
 configs keep the paper's frozen, COCO-pretrained backbone.
 
 Expected result (measured 2026-11-21 on the 2-core CPU, mostly idle): synthesis 4 s, 224 steps
-of batch 16, one eval at the end, 3 min 44 s wall in all; val PCK 32.1 %, PoseTrack mAP Total
+of batch 16, one eval at the end, 3 min 43 s wall in all; val PCK 32.1 %, PoseTrack mAP Total
 5.8 (clean key frames 6.7, degraded 4.1). For comparison, the same run with
 --config.mi.enabled=False: PCK 27.3 %, mAP 4.0 (clean 4.8, degraded 2.8); with the SPEC's MI
 weights of 1: mAP 0.01 (the model learns nothing).
