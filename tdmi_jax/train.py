@@ -37,7 +37,6 @@ from tdmi_jax import sharding
 from tdmi_jax import state as state_lib
 from tdmi_jax import train_step as train_step_lib
 from tdmi_jax import workdir_lock
-from tdmi_jax.evaluation import decode as eval_decode
 from tdmi_jax.evaluation import overlay
 from tdmi_jax.evaluation import posetrack_map
 from tdmi_jax.evaluation import run as eval_run
@@ -191,25 +190,9 @@ def map_evaluation(config, workdir, step, predict_fn):
   data_cfg = config.data.copy_and_resolve_references()
   data_cfg.use_gt_boxes_for_val = config.eval.use_gt_boxes
   eval_data = input_pipeline.EvalData(data_cfg, config.eval_batch_size)
-  meta_keys = ('center', 'scale', 'rotation', 'box_score', 'image_id', 'mask')
-
-  def gathered_batches():
-    for batch in eval_data:
-      # Runs on every process (the step is collective); only process 0 keeps the result.
-      heatmaps = predict_fn(batch)
-      if config.eval.flip_test:
-        mirrored = dict(batch, frames=np.ascontiguousarray(batch['frames'][..., ::-1, :]))
-        heatmaps = eval_decode.fuse_flip(heatmaps, predict_fn(mirrored))
-      rows = sharding.gather_rows({'heatmaps': np.asarray(heatmaps, np.float32),
-                                   **{k: batch[k] for k in meta_keys}})
-      yield rows
-
-  predictions = {}
-  for rows in tqdm.tqdm(gathered_batches(), total=eval_data.num_batches, desc='mAP eval',
-                        leave=False, disable=not sharding.is_writer()):
-    for image_id, people in eval_decode.batch_predictions(
-        rows, rows['heatmaps'], config.eval.decode).items():
-      predictions.setdefault(image_id, []).extend(people)
+  predictions = eval_run.predict(
+      predict_fn, eval_data, flip_test=config.eval.flip_test, method=config.eval.decode,
+      progress=sharding.is_writer(), gather=sharding.gather_rows)
   metrics = {}
   if sharding.is_writer():
     gt_dir = input_pipeline.val_gt_dir(data_cfg)

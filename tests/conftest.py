@@ -18,6 +18,18 @@ SHARED = ROOT.parent / 'shared'
 
 
 @pytest.fixture(scope='session')
+def env(tmp_path_factory):
+  """Environment for launch.py subprocesses: repo on the path, one persistent XLA cache so
+  the tiny model compiles once for all of them."""
+  e = dict(os.environ)
+  e['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('xla_cache'))
+  e['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  e['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
+  e['PYTHONPATH'] = str(ROOT)
+  return e
+
+
+@pytest.fixture(scope='session')
 def shared_dir():
   if not SHARED.is_dir():
     pytest.fail(f'{SHARED} (the shared fixtures folder) is missing beside the repo')

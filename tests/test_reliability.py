@@ -211,16 +211,6 @@ runpy.run_path('launch.py', run_name='__main__')
 FLAGS = ('--mode=train', '--config.checkpoint.every_steps=2')
 
 
-@pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  e = dict(os.environ)
-  e['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('xla_cache'))
-  e['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-  e['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
-  e['PYTHONPATH'] = str(ROOT)
-  return e
-
-
 def _cmd(workdir, *flags, hang_at=-1):
   return [sys.executable, '-c', _WRAPPER, str(hang_at), RUNLOCAL, f'--workdir={workdir}',
           *FLAGS, *flags]

@@ -42,16 +42,6 @@ runpy.run_path('launch.py', run_name='__main__')
 '''
 
 
-@pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  e = dict(os.environ)
-  e['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('xla_cache'))
-  e['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-  e['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
-  e['PYTHONPATH'] = str(ROOT)
-  return e
-
-
 def _launch(env, workdir, *flags, kill_at=-1, nan_at=-1, config=RUNLOCAL):
   cmd = [sys.executable, '-c', _WRAPPER, str(kill_at), str(nan_at), config,
          f'--workdir={workdir}', *flags]

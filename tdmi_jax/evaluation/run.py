@@ -24,10 +24,17 @@ SUBSETS = {
 }
 
 
-def predict(predict_fn, eval_data, *, flip_test=False, method='quarter', progress=True):
+# What decoding needs from an eval batch besides the heatmaps.
+META_KEYS = ('center', 'scale', 'rotation', 'box_score', 'image_id', 'mask')
+
+
+def predict(predict_fn, eval_data, *, flip_test=False, method='quarter', progress=True,
+            gather=None):
   """{image_id: [people]} (the writer's input) for every box of `eval_data`.
 
-  `predict_fn(batch) -> heatmaps [B, h, w, K]` (numpy, this process's rows).
+  `predict_fn(batch) -> heatmaps [B, h, w, K]` (numpy, this process's rows). `gather`, if
+  given, maps this process's {'heatmaps', META_KEYS} rows to all processes' rows (multi-host
+  evaluation: every process runs the collective predict_fn, process 0 uses the result).
   """
   predictions = {}
   for batch in tqdm.tqdm(eval_data, total=eval_data.num_batches, desc='predict',
@@ -36,7 +43,10 @@ def predict(predict_fn, eval_data, *, flip_test=False, method='quarter', progres
     if flip_test:
       mirrored = dict(batch, frames=np.ascontiguousarray(decode.flip_images(batch['frames'])))
       heatmaps = decode.fuse_flip(heatmaps, np.asarray(predict_fn(mirrored), np.float32))
-    for image_id, people in decode.batch_predictions(batch, heatmaps, method).items():
+    rows = {'heatmaps': heatmaps, **{k: batch[k] for k in META_KEYS if k in batch}}
+    if gather is not None:
+      rows = gather(rows)
+    for image_id, people in decode.batch_predictions(rows, rows['heatmaps'], method).items():
       predictions.setdefault(image_id, []).extend(people)
   return predictions
 
