@@ -18,12 +18,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from configs import common  # noqa: E402
+from tdmi_jax import fileio  # noqa: E402
+from tdmi_jax import keypoints  # noqa: E402
 from tdmi_jax.evaluation import posetrack_map  # noqa: E402
 
 
 def make_video(rng, vid, num_frames, people):
-  names = list(common.JOINT_NAMES)
+  names = list(keypoints.JOINT_NAMES)
   cat = [{'id': 1, 'name': 'person', 'supercategory': 'person', 'keypoints': names}]
   images, gt, pred = [], [], []
   for f in range(num_frames):
@@ -89,9 +90,9 @@ def main():
     t0 = time.perf_counter()
     files = posetrack_map.gt_files(gt_dir)
     parsed = [(os.path.basename(p),
-               posetrack_map.read_video(posetrack_map.load_json(p), p),
-               posetrack_map.read_video(posetrack_map.load_json(
-                   os.path.join(pred_dir, os.path.basename(p))), p)) for p in files]
+               posetrack_map.read_video(fileio.load_json(p, posetrack_map.EvalInputError), p),
+               posetrack_map.read_video(fileio.load_json(
+                   os.path.join(pred_dir, os.path.basename(p)), posetrack_map.EvalInputError), p)) for p in files]
     t_read = time.perf_counter() - t0
     t0 = time.perf_counter()
     posetrack_map.evaluate_videos(parsed)

@@ -2,7 +2,7 @@ r"""Video inference frames/s with and without the streaming backbone feature cac
 
   python benchmarks/infer_bench.py --variant=hrnet_w48 --frames=8 --people=1
 
-Runs `tdmi_jax.infer.run` twice in one process on the same synthetic clip and random
+Runs `tdmi_jax.inference.infer.predict_video` twice in one process on the same synthetic clip and random
 weights (speed does not depend on the weights): once with the cache (one backbone pass per
 (crop, frame)) and once without (five per window). The theoretical saving of the cache is
 the backbone's share of a window's cost times 4/5; the script prints both runs, the
@@ -23,7 +23,7 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
 from configs import posetrack18  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tdmi_jax import infer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tdmi_jax.inference import infer  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tdmi_jax.models import tdmi  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -64,10 +64,10 @@ def main():
       os.makedirs(warm, exist_ok=True)
       for t in range(2):
         os.link(os.path.join(frames_dir, f'{t:06d}.jpg'), os.path.join(warm, f'{t:06d}.jpg'))
-      infer.run(None, os.path.join(tmp, 'w'), **{**kw, 'frames': warm}, use_cache=use_cache)
+      infer.predict_video(None, os.path.join(tmp, 'w'), **{**kw, 'frames': warm}, use_cache=use_cache)
       for t in range(2):
         os.remove(os.path.join(warm, f'{t:06d}.jpg'))
-      results[use_cache] = infer.run(None, os.path.join(tmp, f'out{use_cache}'), **kw,
+      results[use_cache] = infer.predict_video(None, os.path.join(tmp, f'out{use_cache}'), **kw,
                                      use_cache=use_cache)
   for use_cache, r in results.items():
     print(f"{'cache   ' if use_cache else 'no cache'}: {r['frames_per_sec']:.3f} frames/s, "

@@ -27,7 +27,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import numpy as np  # noqa: E402
 
 from configs import common  # noqa: E402
-from tdmi_jax import input_pipeline  # noqa: E402
+from tdmi_jax.data import input_pipeline  # noqa: E402
 
 FIXTURE = ROOT.parent / 'shared' / 'fixtures' / 'posetrack18_real'
 

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import common
+from tdmi_jax import keypoints
 from tdmi_jax.models import hrnet
 from tdmi_jax.models import layers
 
@@ -105,7 +105,7 @@ def _name(variant: Variant) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def expected_shapes(variant: Variant, num_joints: int = common.NUM_JOINTS):
+def expected_shapes(variant: Variant, num_joints: int = keypoints.NUM_JOINTS):
   """{(collection, flax path): shape} of the backbone, from eval_shape (no compute)."""
   model = hrnet.HRNet(_spec(variant), num_joints=num_joints)
   tree = jax.eval_shape(
@@ -132,7 +132,7 @@ def _guess_variant(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
 
 
 def check_state_dict(shapes: Mapping[str, tuple[int, ...]], variant: Variant, *,
-                     num_joints: int = common.NUM_JOINTS, skip_final_layer: bool = False
+                     num_joints: int = keypoints.NUM_JOINTS, skip_final_layer: bool = False
                      ) -> dict[str, tuple[str, tuple[str, ...]]]:
   """{torch key: (collection, flax path)} for every tensor, or ConversionError listing
   the missing, unexpected and mis-shaped entries (names in the checkpoint's own terms)."""
@@ -199,7 +199,7 @@ def _fresh_final_layer(variant: Variant, num_joints: int, seed: int) -> dict[str
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], variant: Variant, *,
-                       num_joints: int = common.NUM_JOINTS, skip_final_layer: bool = False,
+                       num_joints: int = keypoints.NUM_JOINTS, skip_final_layer: bool = False,
                        seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
   """PyTorch pose_hrnet state_dict -> (params, batch_stats) of `hrnet.HRNet(variant)`.
 
@@ -267,7 +267,7 @@ def spec_from_extra(extra: Mapping[str, Any]) -> hrnet.HRNetSpec:
                          offset_groups=math.gcd(12, width))
 
 
-def load_torch_hrnet(path_or_state_dict, extra, num_joints: int = common.NUM_JOINTS):
+def load_torch_hrnet(path_or_state_dict, extra, num_joints: int = keypoints.NUM_JOINTS):
   """(model, variables) of an HRNet pose checkpoint of any stage configuration.
 
   `extra` is the official yaml's `MODEL.EXTRA` as a dict (or a row name of
@@ -342,7 +342,7 @@ def main(argv=None) -> int:
   parser.add_argument('--variant', '--arch', dest='variant', default='hrnet_w48',
                       help=f'row of hrnet.VARIANTS: {", ".join(hrnet.VARIANTS)}')
   parser.add_argument('--out', '--dst', dest='out', required=True, help='output folder')
-  parser.add_argument('--num_joints', type=int, default=common.NUM_JOINTS,
+  parser.add_argument('--num_joints', type=int, default=keypoints.NUM_JOINTS,
                       help='joints of the model the weights are for (config.model.num_joints)')
   parser.add_argument('--skip_final_layer', action='store_true',
                       help="drop the checkpoint's final_layer (other joint set); write a "

@@ -6,7 +6,6 @@ holds no optimizer state, and its weights pass through the step untouched.
 """
 
 import flax.traverse_util
-import jax
 import optax
 
 
@@ -69,7 +68,3 @@ def merge_params(trainable, frozen):
   flat = flax.traverse_util.flatten_dict(trainable)
   flat.update(flax.traverse_util.flatten_dict(frozen))
   return flax.traverse_util.unflatten_dict(flat)
-
-
-def count(tree):
-  return sum(x.size for x in jax.tree_util.tree_leaves(tree))

@@ -46,18 +46,28 @@ def data_sharded(mesh):
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_batch_size(global_batch_size, mesh, what='batch_size'):
-  """Global batch must split evenly over devices and processes."""
-  n = mesh.devices.size
+def check_batch_size(global_batch_size, mesh=None, what='batch_size', *, device_count=None,
+                     process_count=None):
+  """This process's share of a global batch that must split evenly over devices and
+  processes (counts default to the mesh's devices and jax.process_count()).
+
+  The one check of batch sizes: the driver calls it on the config before any work starts,
+  the input pipeline again for the topology it is given.
+  """
+  n = mesh.devices.size if device_count is None else device_count
+  p = jax.process_count() if process_count is None else process_count
+  if not isinstance(global_batch_size, int) or global_batch_size <= 0:
+    raise ValueError(f'config.{what}={global_batch_size!r}: must be a positive integer '
+                     f'(a multiple of the device count {n}).')
   if global_batch_size % n:
     raise ValueError(
         f'config.{what}={global_batch_size} is not divisible by the number of devices '
         f'({n}); choose a multiple of {n}.')
-  if global_batch_size % jax.process_count():
+  if global_batch_size % p:
     raise ValueError(
         f'config.{what}={global_batch_size} is not divisible by the number of processes '
-        f'({jax.process_count()}).')
-  return global_batch_size // jax.process_count()
+        f'({p}).')
+  return global_batch_size // p
 
 
 def shard_batch(local_batch, mesh, keys=None):

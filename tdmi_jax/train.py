@@ -22,26 +22,21 @@ import time
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorboardX
 import tqdm
 
-from datasets.posetrack import posetrack_dataset_builder as ptb
 from tdmi_jax import checkpointing
-from tdmi_jax import evaluate as evaluate_cli
-from tdmi_jax import input_pipeline
+from tdmi_jax import fileio
 from tdmi_jax import optim
 from tdmi_jax import sharding
 from tdmi_jax import state as state_lib
 from tdmi_jax import train_step as train_step_lib
 from tdmi_jax import workdir_lock
-from tdmi_jax.evaluation import overlay
-from tdmi_jax.evaluation import posetrack_map
-from tdmi_jax.evaluation import run as eval_run
-from tdmi_jax.models import mi
-from tdmi_jax.models import tdmi
+from tdmi_jax.data import input_pipeline
+from tdmi_jax.evaluation import map_eval
+from tdmi_jax.models import layers
 
 MODES = ('train', 'eval', 'train_and_eval')
 # Shown in the progress bar (when present), in this order.
@@ -81,45 +76,6 @@ class _QuietLibraries(std_logging.Filter):
 
   def filter(self, record):
     return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
-
-
-def prepare_data(config, workdir):
-  """Fills in data paths; synthesises the synthetic dataset on first use.
-
-  Real PoseTrack data is never downloaded: a missing manual_dir is an error that carries
-  the download instructions.
-  """
-  d = config.data
-  if d.name == 'synthetic':
-    if not d.manual_dir:
-      d.manual_dir = os.path.join(workdir, 'data', 'synthetic')
-    if not d.data_dir:
-      d.data_dir = os.path.join(workdir, 'data', 'tfds')
-    if not os.path.isdir(os.path.join(d.manual_dir, 'annotations')):
-      from tdmi_jax.data import synthesize  # pylint: disable=g-import-not-at-top
-      if sharding.is_writer():
-        logging.info('Synthesising the dataset into %s (first use).', d.manual_dir)
-        summary = synthesize.generate(d.manual_dir, overwrite=True,
-                                      **config.synthetic.to_dict())
-        logging.info('Synthetic dataset: %s', json.dumps(summary))
-      sharding.sync('synthesize')
-  elif not d.manual_dir or not os.path.isdir(os.path.expanduser(d.manual_dir)):
-    raise FileNotFoundError(
-        f'config.data.manual_dir={d.manual_dir!r} ({d.name}) does not exist. PoseTrack '
-        'cannot be downloaded automatically; set --config.data.manual_dir=DIR after '
-        f'downloading it:\n{ptb.MANUAL_DOWNLOAD_INSTRUCTIONS}')
-  if jax.process_count() > 1:
-    # One process builds the TFDS files (a shared filesystem is assumed), the rest wait.
-    if sharding.is_writer():
-      input_pipeline.get_builder(d)
-    sharding.sync('tfds_build')
-
-
-def _write_json(path, obj):
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def _rewind_metrics(path, step):
@@ -177,42 +133,7 @@ class _Log:
       self.tb.close()
 
 
-def map_evaluation(config, workdir, step, predict_fn):
-  """PoseTrack mAP on val detector boxes: predictions/<step>/ and eval_results.json.
-
-  `predict_fn(batch) -> heatmaps` (numpy, this process's rows). Every process predicts its
-  slice; process 0 gathers the rows, writes the files and evaluates. Returns flat metrics
-  ({'map/Total': ..., 'map_degraded/Total': ... on synthetic data}); {} when
-  config.eval.map is off.
-  """
-  if not config.eval.map:
-    return {}
-  data_cfg = config.data.copy_and_resolve_references()
-  data_cfg.use_gt_boxes_for_val = config.eval.use_gt_boxes
-  eval_data = input_pipeline.EvalData(data_cfg, config.eval_batch_size)
-  predictions = eval_run.predict(
-      predict_fn, eval_data, flip_test=config.eval.flip_test, method=config.eval.decode,
-      progress=sharding.is_writer(), gather=sharding.gather_rows)
-  metrics = {}
-  if sharding.is_writer():
-    gt_dir = input_pipeline.val_gt_dir(data_cfg)
-    results = eval_run.finalize(predictions, gt_dir, workdir, step)
-    if config.eval.num_overlays:
-      overlay.write_eval_overlays(
-          predictions, posetrack_map.gt_files(gt_dir), data_cfg.manual_dir,
-          os.path.join(workdir, 'overlays', str(int(step))), config.eval.num_overlays)
-    print(f'PoseTrack mAP at step {int(step)} ({results["all"]["num_frames"]} frames):')
-    print(evaluate_cli.format_table(results['all']))
-    for name in ('clean', 'degraded'):
-      if name in results:
-        print(f'{name} key frames ({results[name]["num_frames"]} frames): Total '
-              f'{results[name]["summary"]["Total"]:.1f}')
-    metrics = eval_run.flat_metrics(results)
-  sharding.sync('map_evaluation')
-  return metrics
-
-
-def evaluate(config, workdir, step, state, eval_step, eval_data, mesh):
+def _val_metrics(config, workdir, step, state, eval_step, eval_data, mesh):
   """Val heatmap loss and PCK on GT person boxes (+ the mAP hook on detector boxes)."""
   totals = None
   for batch in tqdm.tqdm(eval_data, total=eval_data.num_batches, desc='eval', leave=False,
@@ -225,18 +146,9 @@ def evaluate(config, workdir, step, state, eval_step, eval_data, mesh):
              'pck': float(totals['pck_correct']) / max(float(totals['pck_total']), 1.0),
              'num_boxes': float(totals['num_examples'])}
 
-  metrics.update(map_evaluation(config, workdir, step, make_predict_fn(state, eval_step, mesh)))
+  metrics.update(map_eval.map_evaluation(
+      config, workdir, step, train_step_lib.make_predict_fn(state, eval_step, mesh)))
   return metrics
-
-
-def make_predict_fn(state, eval_step, mesh):
-  """`batch -> heatmaps` (numpy, this process's rows) of `state`: map_evaluation's input."""
-
-  def predict_fn(batch):
-    _, heatmaps = eval_step(state, sharding.shard_batch(batch, mesh, train_step_lib.TRAIN_KEYS))
-    return sharding.local_rows(heatmaps)
-
-  return predict_fn
 
 
 def _gt_box_eval_data(config):
@@ -244,41 +156,6 @@ def _gt_box_eval_data(config):
   data_cfg = config.data.copy_and_resolve_references()
   data_cfg.use_gt_boxes_for_val = True
   return input_pipeline.EvalData(data_cfg, config.eval_batch_size)
-
-
-def create_state(config, mesh, steps_per_epoch, mode='train_and_eval'):
-  """The model and its initial replicated TrainState (config.init_from applied).
-
-  Returns (model, state, mask, tx, schedule, club_tx). Also the restore target of batch
-  evaluation, so checkpoints of `train_and_evaluate` always fit it.
-  """
-  model = tdmi.build_model(config.model)
-  h, w = config.data.image_size
-  dummy = jnp.zeros((1, 5, h, w, 3), jnp.float32)
-  # unsafe_rbg: the init of an HRNet compiles ~3x faster than with threefry keys; still a
-  # deterministic function of the seed on a given backend.
-  init_rng, club_rng = jax.random.split(jax.random.key(config.seed, impl='unsafe_rbg'))
-  variables = jax.jit(lambda r: model.init(r, dummy, train=False))(init_rng)
-  variables = {'params': variables['params'],
-               'batch_stats': variables.get('batch_stats', {})}
-  if config.init_from:
-    variables = checkpointing.apply_pretrained(
-        variables, checkpointing.load_pretrained(config.init_from), config.init_from_kind)
-  elif config.model.backbone.frozen and mode != 'eval':
-    logging.warning('The backbone is frozen but config.init_from is empty: it stays at its '
-                    'random initialisation (a resumed run restores its weights anyway).')
-  mask = tdmi.trainable_mask(variables['params'], config.model)
-  tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch)
-  club_tx = club_params = None
-  if config.mi.enabled and config.mi.estimator == 'club':
-    _, aux_shapes = jax.eval_shape(
-        lambda v: model.apply(v, dummy, train=False), variables)
-    if 'useful' in aux_shapes:
-      club_tx = optim.make_club_optimizer(config.mi)
-      club_params = mi.init_club(club_rng, config.mi, aux_shapes['useful'].shape[-1])['params']
-  state = state_lib.create(variables, mask, tx, club_params, club_tx)
-  state = sharding.replicate(state, mesh)
-  return model, state, mask, tx, schedule, club_tx
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mode='train_and_eval'):
@@ -299,11 +176,12 @@ def _train_and_evaluate(config, workdir, mode):
   std_logging.getLogger('absl').addFilter(_QuietLibraries())
   config = config.copy_and_resolve_references()
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  prepare_data(config, workdir)
+  # Config values are checked before any work (dataset synthesis, TFDS build) starts.
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  os.makedirs(workdir, exist_ok=True)
+  input_pipeline.prepare_data(config, workdir)
   train_data = None
   if mode != 'eval':
     train_data = input_pipeline.TrainData(config.data, config.batch_size, config.seed)
@@ -315,9 +193,11 @@ def _train_and_evaluate(config, workdir, mode):
                else int(math.ceil(config.num_epochs * steps_per_epoch)))
 
   # --- Model, optimizer, initial state ----------------------------------------------
-  model, state, mask, tx, schedule, club_tx = create_state(config, mesh, steps_per_epoch, mode)
+  model, state, mask, tx, schedule, club_tx = state_lib.create_state(
+      config, mesh, steps_per_epoch, mode)
   logging.info('Parameters: %d total, %d trainable; %d steps (%d per epoch).',
-               optim.count(state.params), optim.count(optim.split_params(state.params, mask)[0]),
+               layers.count_params(state.params),
+               layers.count_params(optim.split_params(state.params, mask)[0]),
                num_steps, steps_per_epoch)
 
   # --- Resume -------------------------------------------------------------------------
@@ -331,7 +211,8 @@ def _train_and_evaluate(config, workdir, mode):
     raise FileNotFoundError(f'--mode=eval: no checkpoint under {ckpts.directory} and no '
                             'config.init_from to evaluate.')
   if sharding.is_writer() and not os.path.exists(os.path.join(workdir, 'config.json')):
-    _write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
+    fileio.write_json(os.path.join(workdir, 'config.json'),
+                      json.loads(config.to_json_best_effort()), sort_keys=True)
 
   eval_step = train_step_lib.make_eval_step(model=model, mesh=mesh)
   log = _Log(workdir, rewind_to=None if mode == 'eval' else start_step)
@@ -339,7 +220,7 @@ def _train_and_evaluate(config, workdir, mode):
   try:
     # --- Evaluation only --------------------------------------------------------------
     if mode == 'eval':
-      results['eval'] = evaluate(config, workdir, start_step, state, eval_step, eval_data, mesh)
+      results['eval'] = _val_metrics(config, workdir, start_step, state, eval_step, eval_data, mesh)
       log.write(start_step, 'eval', results['eval'])
       logging.info('eval at step %d: %s', start_step, results['eval'])
       return results
@@ -382,7 +263,7 @@ def _train_and_evaluate(config, workdir, mode):
           acc, acc_n, t_log = {}, 0, time.perf_counter()
         if mode == 'train_and_eval' and config.eval_every_steps > 0 and (
             step % config.eval_every_steps == 0) and step < num_steps:
-          results['eval'] = evaluate(config, workdir, step, state, eval_step, eval_data, mesh)
+          results['eval'] = _val_metrics(config, workdir, step, state, eval_step, eval_data, mesh)
           log.write(step, 'eval', results['eval'])
           bar.write(f'eval @ {step}: ' + ', '.join(
               f'{k}={v:.4g}' for k, v in results['eval'].items()))
@@ -403,7 +284,7 @@ def _train_and_evaluate(config, workdir, mode):
 
     # --- Final evaluation --------------------------------------------------------------
     if mode == 'train_and_eval':
-      results['eval'] = evaluate(config, workdir, step, state, eval_step, eval_data, mesh)
+      results['eval'] = _val_metrics(config, workdir, step, state, eval_step, eval_data, mesh)
       log.write(step, 'eval', results['eval'])
       logging.info('eval at step %d: %s', step, results['eval'])
       if sharding.is_writer():

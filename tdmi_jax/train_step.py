@@ -159,3 +159,13 @@ def make_eval_step(*, model, mesh, heatmap_loss_fn=None):
       eval_step,
       in_shardings=(sharding_lib.replicated(mesh), sharding_lib.data_sharded(mesh)),
       out_shardings=(sharding_lib.replicated(mesh), sharding_lib.data_sharded(mesh)))
+
+
+def make_predict_fn(state, eval_step, mesh):
+  """`batch -> heatmaps` (numpy, this process's rows) of `state`: the mAP evaluation's input."""
+
+  def predict_fn(batch):
+    _, heatmaps = eval_step(state, sharding_lib.shard_batch(batch, mesh, TRAIN_KEYS))
+    return sharding_lib.local_rows(heatmaps)
+
+  return predict_fn

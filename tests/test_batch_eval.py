@@ -14,10 +14,10 @@ import sys
 import numpy as np
 import pytest
 
-from configs import common
 from configs import synthetic
-from tdmi_jax import batch_eval
+from tdmi_jax import keypoints
 from tdmi_jax import train
+from tdmi_jax.evaluation import batch_eval
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FLAG = '--config=configs/synthetic.py:runlocal'
@@ -61,7 +61,7 @@ def trained(tmp_path_factory):
   # What a training run still saving here looks like: batch eval must neither list nor
   # clean it up.
   os.makedirs(os.path.join(workdir, 'checkpoints', '6.orbax-checkpoint-tmp-1', 'state'))
-  rows = batch_eval.run(_config(), workdir, steps='all')
+  rows = batch_eval.map_per_step(_config(), workdir, steps='all')
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '6.orbax-checkpoint-tmp-1'))
   return workdir, during_training, rows
 
@@ -89,7 +89,7 @@ def test_all_steps_write_csv_md_png_matching_eval_results(trained):
     result = _results(workdir, int(r['step']))
     assert result['step'] == int(r['step'])
     assert float(r['Total']) == result['summary']['Total']
-    for name in common.POSEVAL_JOINT_NAMES:
+    for name in keypoints.POSEVAL_JOINT_NAMES:
       want = result['per_joint'][name]
       got = float(r[name])
       assert (np.isnan(got) if want is None else got == want), name
@@ -129,11 +129,11 @@ def test_reuse_reads_existing_results_instead_of_evaluating(tmp_path):
     os.makedirs(tmp_path / 'checkpoints' / str(step) / 'state')
     summary = {c: float(step) for c in batch_eval.SUMMARY_COLUMNS}
     summary['Total'] = 50.0 + step
-    per_joint = {n: float(i) for i, n in enumerate(common.POSEVAL_JOINT_NAMES)}
+    per_joint = {n: float(i) for i, n in enumerate(keypoints.POSEVAL_JOINT_NAMES)}
     per_joint['neck'] = None  # NaN in the JSON
     (tmp_path / f'eval_results_{step}.json').write_text(json.dumps(
         {'summary': summary, 'per_joint': per_joint, 'num_frames': 3, 'step': step}))
-  rows = batch_eval.run(_config(), str(tmp_path), steps='20,10', reuse=True)
+  rows = batch_eval.map_per_step(_config(), str(tmp_path), steps='20,10', reuse=True)
   assert [r['step'] for r in rows] == [10, 20]
   table = _read_csv(tmp_path)
   assert [float(r['Total']) for r in table] == [60.0, 70.0]
@@ -166,5 +166,5 @@ def test_unrestorable_checkpoint_names_it(trained, tmp_path):
   config.data.manual_dir = os.path.join(workdir, 'data', 'synthetic')  # no new dataset
   config.data.data_dir = os.path.join(workdir, 'data', 'tfds')
   with pytest.raises(batch_eval.BatchEvalError, match='Cannot restore .*checkpoints/2'):
-    batch_eval.run(config, str(tmp_path), steps='2')
+    batch_eval.map_per_step(config, str(tmp_path), steps='2')
   assert not (tmp_path / 'batch_eval').exists()

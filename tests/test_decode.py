@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from configs import common
-from tdmi_jax import transforms
+from tdmi_jax import keypoints
+from tdmi_jax.data import transforms
 from tdmi_jax.evaluation import decode
 
 H, W = 32, 24
@@ -123,4 +123,4 @@ def test_oks_nms_suppresses_duplicates_only():
                         areas=[1e4, 1e4, 1e4], threshold=0.9)
   assert keep == [1, 2]
   assert decode.oks_nms(np.stack([near, a]), [0.8, 0.9], [1e4, 1e4], threshold=1.0) == [1, 0]
-  assert len(common.FLIP_PAIRS) == 7
+  assert len(keypoints.FLIP_PAIRS) == 7

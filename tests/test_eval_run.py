@@ -5,8 +5,8 @@ import json
 import numpy as np
 
 from configs import common
-from tdmi_jax import input_pipeline
-from tdmi_jax.evaluation import run as eval_run
+from tdmi_jax.data import input_pipeline
+from tdmi_jax.evaluation import map_eval
 
 ONE = dict(process_index=0, process_count=1, device_count=1)
 
@@ -29,8 +29,8 @@ def test_target_heatmaps_evaluate_near_perfect_on_every_subset(synthetic, tmp_pa
   # The targets are the GT joints rendered as heatmaps: decoding them must land each
   # joint within a heatmap pixel of the GT; the tiny preset's heads are ~10 px, so a few
   # joints near the 0.5 head-size radius may still miss.
-  results = eval_run.evaluate_model(lambda b: b['target'], data, input_pipeline.val_gt_dir(cfg),
-                                    str(workdir), 7, progress=False)
+  predictions = map_eval.predict(lambda b: b['target'], data, progress=False)
+  results = map_eval.finalize(predictions, input_pipeline.val_gt_dir(cfg), str(workdir), 7)
   assert set(results) == {'all', 'clean', 'degraded'}
   for name, r in results.items():
     assert r['summary']['Total'] > 95.0, (name, r['summary'])
@@ -44,7 +44,7 @@ def test_target_heatmaps_evaluate_near_perfect_on_every_subset(synthetic, tmp_pa
   assert (workdir / 'eval_results_7.json').is_file()
   assert len(list((workdir / 'predictions' / '7').glob('*.json'))) == len(
       list((synthetic / 'annotations' / 'val').glob('*.json')))
-  flat = eval_run.flat_metrics(results)
+  flat = map_eval.flat_metrics(results)
   assert flat['map/Total'] == results['all']['summary']['Total']
   assert 'map_degraded/Ankl' in flat
 
@@ -58,7 +58,7 @@ def test_wrong_heatmaps_score_low_and_flip_test_is_used(synthetic, tmp_path):
     calls.append(batch['frames'][0, 2, 0, 0, 0])
     return np.roll(batch['target'], 20, axis=2)  # 20 heatmap px = 40 crop px off.
 
-  results = eval_run.evaluate_model(shifted, data, input_pipeline.val_gt_dir(cfg),
-                                    str(tmp_path / 'w'), 0, flip_test=True, progress=False)
+  predictions = map_eval.predict(shifted, data, flip_test=True, progress=False)
+  results = map_eval.finalize(predictions, input_pipeline.val_gt_dir(cfg), str(tmp_path / 'w'), 0)
   assert results['all']['summary']['Total'] < 50
   assert len(calls) == 2 * data.num_batches  # Original and mirrored input per batch.

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from configs import common
-from tdmi_jax import evaluate
+from tdmi_jax import fileio
+from tdmi_jax import keypoints
+from tdmi_jax.evaluation import evaluate
 from tdmi_jax.evaluation import posetrack_map
 from tdmi_jax.evaluation import writer
 
@@ -30,13 +31,13 @@ def test_cli_prints_table_and_writes_json(poseval_golden, tmp_path):
   assert lines[header].split('&')[1:] == [
       ' Head ', ' Shou ', ' Elb  ', ' Wri  ', ' Hip  ', ' Knee ', ' Ankl ', ' Total\\\\']
   row = [float(c.strip(' \\')) for c in lines[header + 1].split('&')[1:]]
-  assert row == [round(expected['summary'][c], 1) for c in evaluate.COLUMNS]
+  assert row == [round(expected['summary'][c], 1) for c in keypoints.SUMMARY_COLUMNS]
   assert '# evaluated frames: 27' in proc.stdout
 
   written = json.loads(out.read_text())
   assert list(written) == ['summary', 'per_joint', 'num_frames']
-  assert list(written['summary']) == list(evaluate.COLUMNS)
-  assert list(written['per_joint']) == list(common.POSEVAL_JOINT_NAMES)
+  assert list(written['summary']) == list(keypoints.SUMMARY_COLUMNS)
+  assert list(written['per_joint']) == list(keypoints.POSEVAL_JOINT_NAMES)
   assert written['num_frames'] == 27
   for k, v in expected['per_joint'].items():
     assert written['per_joint'][k] == pytest.approx(v, abs=1e-6)
@@ -79,18 +80,18 @@ def test_cli_malformed_and_frame_mismatch(poseval_golden, tmp_path, capsys):
 def test_nan_joint_written_as_null(tmp_path):
   result = posetrack_map.summarize([float('nan')] + [50.0] * 14)
   result['num_frames'] = 1
-  evaluate.write_json(result, tmp_path / 'r.json')
+  fileio.write_json(tmp_path / 'r.json', result)
   written = json.loads((tmp_path / 'r.json').read_text())
   assert written['per_joint']['right_ankle'] is None
   assert written['summary']['Ankl'] is None
   assert written['summary']['Total'] == 50.0
 
 
-def test_evaluate_predictions_writes_files_and_results(pt18_real, tmp_path):
+def test_written_gt_predictions_score_100_through_the_cli(pt18_real, tmp_path, capsys):
   gt_dir = str(pt18_real / 'annotations' / 'val')
-  preds = writer.gt_as_predictions(gt_dir)
-  out = evaluate.evaluate_predictions(preds, gt_dir, str(tmp_path / 'pred'),
-                                      json_out=str(tmp_path / 'eval_results.json'))
-  assert out['summary']['Total'] == 100.0 and out['num_frames'] == 3
-  assert json.loads((tmp_path / 'eval_results.json').read_text()) == out
+  writer.write_predictions(writer.gt_as_predictions(gt_dir), gt_dir, str(tmp_path / 'pred'))
   assert len(list((tmp_path / 'pred').iterdir())) == 3
+  assert evaluate.main(['--gt_dir', gt_dir, '--pred_dir', str(tmp_path / 'pred'),
+                        '--json_out', str(tmp_path / 'eval_results.json')]) == 0
+  out = json.loads((tmp_path / 'eval_results.json').read_text())
+  assert out['summary']['Total'] == 100.0 and out['num_frames'] == 3

@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import synthetic
-from tdmi_jax import infer
+from tdmi_jax.inference import infer
 from tdmi_jax.models import tdmi
 
 CLIP = '000001_mpiinew_test'
@@ -43,8 +43,8 @@ def test_cache_matches_plain_run_with_fewer_backbone_passes(tiny_workdir, pt18_r
   loaded = infer.load_model(tiny_workdir)
   kw = dict(frames=str(frames), detector='whole_frame', png=False, batch_size=4,
             model_and_variables=loaded)
-  cached = infer.run(None, str(tmp_path / 'cached'), use_cache=True, **kw)
-  plain = infer.run(None, str(tmp_path / 'plain'), use_cache=False, **kw)
+  cached = infer.predict_video(None, str(tmp_path / 'cached'), use_cache=True, **kw)
+  plain = infer.predict_video(None, str(tmp_path / 'plain'), use_cache=False, **kw)
   # One track, one anchor: 5 frames -> 5 backbone passes instead of 5 per window.
   assert cached['backbone_passes'] == 5
   assert plain['backbone_passes'] == 25
@@ -55,7 +55,7 @@ def test_cache_matches_plain_run_with_fewer_backbone_passes(tiny_workdir, pt18_r
   np.testing.assert_allclose(kp_a, kp_b, atol=1e-3)
   np.testing.assert_allclose([x['scores'] for x in a['annotations']],
                              [x['scores'] for x in b['annotations']], rtol=1e-4, atol=1e-6)
-  flipped = infer.run(None, str(tmp_path / 'flip'), use_cache=True, flip_test=True, **kw)
+  flipped = infer.predict_video(None, str(tmp_path / 'flip'), use_cache=True, flip_test=True, **kw)
   assert flipped['backbone_passes'] == 10
   c = json.loads((tmp_path / 'flip' / f'{CLIP}.json').read_text())
   assert not np.allclose([x['scores'] for x in c['annotations']],

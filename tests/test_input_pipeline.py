@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 
 from configs import common
-from datasets.posetrack import fake_data
-from tdmi_jax import input_pipeline
-from tdmi_jax import transforms
+from tdmi_jax import keypoints
+from tdmi_jax.data import input_pipeline
+from tdmi_jax.data import transforms
+from tests import fake_posetrack
 
 ONE = dict(process_index=0, process_count=1, device_count=1)
 VIDEOS = (('000001_mpii_test', 6, (0, 2, 5)), ('000002_mpii_test', 4, (1, 3)))
@@ -37,17 +38,17 @@ def tiny(tmp_path_factory):
   root = tmp_path_factory.mktemp('pt18')
   truth = {}
   for split in ('train', 'val'):
-    truth.update(fake_data.write_posetrack18(root, split=split, videos=VIDEOS))
+    truth.update(fake_posetrack.write_posetrack18(root, split=split, videos=VIDEOS))
   return root, truth
 
 
 def _frame_index_of_pixels(frames):
   """Recovers, per window slot, the frame index a flat-colour fake frame encodes."""
-  mean = np.asarray(common.IMAGENET_MEAN) * 255
-  std = np.asarray(common.IMAGENET_STD) * 255
+  mean = np.asarray(keypoints.IMAGENET_MEAN) * 255
+  std = np.asarray(keypoints.IMAGENET_STD) * 255
   red = frames[..., 0] * std[0] + mean[0]
   vals = np.median(red.reshape(red.shape[0], -1), axis=1)
-  colours = {i: fake_data.frame_colour(i)[0] for i in range(10)}
+  colours = {i: fake_posetrack.frame_colour(i)[0] for i in range(10)}
   return [min(colours, key=lambda i: abs(colours[i] - v)) for v in vals]
 
 
@@ -146,11 +147,11 @@ def test_process_slices_make_the_global_batch(tiny, tmp_path):
 
 def test_batch_not_divisible_by_devices(tiny, tmp_path):
   root, _ = tiny
-  with pytest.raises(ValueError, match='batch size 3 is not divisible by the device count 2'):
+  with pytest.raises(ValueError, match=r'batch_size=3 is not divisible by the number of devices'):
     input_pipeline.TrainData(_cfg(root, tmp_path), 3, seed=0, process_index=0,
                              process_count=1, device_count=2)
   # Default topology comes from jax (2 CPU devices in tests).
-  with pytest.raises(ValueError, match='device count 2'):
+  with pytest.raises(ValueError, match=r'number of devices \(2\)'):
     input_pipeline.TrainData(_cfg(root, tmp_path), 5, seed=0)
 
 
@@ -195,7 +196,7 @@ def test_eval_needs_boxes(tiny, tmp_path):
   cfg = _cfg(root, tmp_path, det_score_thresh=0.95)
   assert input_pipeline.EvalData(cfg, 2, **ONE).num_boxes == 0
   other = tmp_path / 'nobox'
-  fake_data.write_posetrack18(other, videos=VIDEOS, box_file=False)
+  fake_posetrack.write_posetrack18(other, videos=VIDEOS, box_file=False)
   with pytest.raises(input_pipeline.BadInputError, match='no detector boxes'):
     input_pipeline.EvalData(_cfg(other, tmp_path), 2, **ONE)
 
@@ -234,7 +235,7 @@ def test_real_fixture_end_to_end(pt18_real, tmp_path):
 
 def _fresh(tmp_path):
   root = tmp_path / 'pt'
-  fake_data.write_posetrack18(root, split='train', videos=(('000001_a', 3, (0, 1, 2)),),
+  fake_posetrack.write_posetrack18(root, split='train', videos=(('000001_a', 3, (0, 1, 2)),),
                               persons=1)
   return root
 
@@ -260,7 +261,7 @@ def test_corrupt_jpeg(tmp_path):
 
 def test_skip_substitutes_and_counts(tmp_path):
   root = tmp_path / 'pt'
-  fake_data.write_posetrack18(root, split='train', videos=(('000001_a', 9, (0, 8)),),
+  fake_posetrack.write_posetrack18(root, split='train', videos=(('000001_a', 9, (0, 8)),),
                               persons=1)
   cfg = _cfg(root, tmp_path / 'tfds', on_bad_input='skip', **{'augment.enabled': False})
   data = input_pipeline.TrainData(cfg, 2, seed=0, **ONE)
@@ -276,7 +277,7 @@ def test_skip_substitutes_and_counts(tmp_path):
 
 def test_eval_skip_masks_the_box(tmp_path):
   root = tmp_path / 'pt'
-  fake_data.write_posetrack18(root, videos=(('000001_a', 9, (0, 8)),), persons=1)
+  fake_posetrack.write_posetrack18(root, videos=(('000001_a', 9, (0, 8)),), persons=1)
   cfg = _cfg(root, tmp_path / 'tfds', on_bad_input='skip')
   data = input_pipeline.EvalData(cfg, 2, **ONE)
   os.remove(root / 'images' / 'val' / '000001_a' / '000007.jpg')

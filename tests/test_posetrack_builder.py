@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from datasets.posetrack import fake_data
-from datasets.posetrack import parsers
-from datasets.posetrack import posetrack_dataset_builder as ptb
+from tdmi_jax.data import parsers
+from tdmi_jax.data import records
+from tests import fake_posetrack
 
 DETS = 'annotations/test_posetrack18_human_detections.json'
 
 
 def _build(manual_dir, data_dir, name='t', **kw):
   kw.setdefault('kind', 'posetrack2018')
-  builder = ptb.Builder(config=ptb.PosetrackConfig(name=name, **kw), data_dir=str(data_dir))
+  builder = records.Builder(config=records.PosetrackConfig(name=name, **kw), data_dir=str(data_dir))
   builder.download_and_prepare(
       file_format='array_record',
       download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
@@ -108,7 +108,7 @@ def test_dcpose_layout_gives_the_same_records(real_records, pt18_real, tmp_path)
 
 
 def test_window_boundary_rule(tmp_path):
-  fake_data.write_posetrack18(tmp_path / 'pt', videos=(('000007_mpii_test', 6, (0, 2, 5)),))
+  fake_posetrack.write_posetrack18(tmp_path / 'pt', videos=(('000007_mpii_test', 6, (0, 2, 5)),))
   recs = _build(tmp_path / 'pt', tmp_path / 'tfds')['val']
   windows = [[int(f.decode()[-10:-4]) for f in r['window_files']] for r in recs]
   assert windows == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [3, 4, 5, 5, 5]]
@@ -118,7 +118,7 @@ def test_window_boundary_rule(tmp_path):
 
 
 def test_posetrack17_annolist(tmp_path):
-  d = fake_data.write_posetrack17_annolist(tmp_path / 'pt17', nframes=5, labeled=(0, 4))
+  d = fake_posetrack.write_posetrack17_annolist(tmp_path / 'pt17', nframes=5, labeled=(0, 4))
   recs = _build(tmp_path / 'pt17', tmp_path / 'tfds', kind='posetrack2017')['val']
   assert len(recs) == 2
   r0, r4 = recs
@@ -149,7 +149,7 @@ def test_posetrack17_annolist(tmp_path):
 
 
 def test_malformed_json_names_the_file(tmp_path):
-  fake_data.write_posetrack18(tmp_path / 'pt', videos=(('000001_a', 3, (1,)),
+  fake_posetrack.write_posetrack18(tmp_path / 'pt', videos=(('000001_a', 3, (1,)),
                                                         ('000002_b', 3, (1,))))
   bad = tmp_path / 'pt' / 'annotations' / 'val' / '000002_b.json'
   bad.write_text('{"images": [')
@@ -161,7 +161,7 @@ def test_malformed_json_names_the_file(tmp_path):
 
 
 def test_box_file_naming_unknown_frames(tmp_path):
-  fake_data.write_posetrack18(tmp_path / 'pt', videos=(('000001_a', 3, (1,)),))
+  fake_posetrack.write_posetrack18(tmp_path / 'pt', videos=(('000001_a', 3, (1,)),))
   boxes = tmp_path / 'pt' / 'detections' / 'val_boxes_coco.json'
   dets = json.loads(boxes.read_text())
   dets.append({'image_id': 19999990000, 'bbox': [1, 2, 3, 4], 'score': 0.9})
@@ -190,7 +190,7 @@ def test_dcpose_box_names_unknown_frame(tmp_path, pt18_real):
 
 
 def test_empty_split(tmp_path):
-  fake_data.write_posetrack18(tmp_path / 'pt', videos=(('000001_a', 3, ()),), box_file=False)
+  fake_posetrack.write_posetrack18(tmp_path / 'pt', videos=(('000001_a', 3, ()),), box_file=False)
   with pytest.raises(parsers.BadInputError, match=r'annotations/val.*empty split'):
     _build(tmp_path / 'pt', tmp_path / 'tfds')
 
@@ -203,7 +203,7 @@ def test_no_annotations_at_all(tmp_path):
 
 
 def test_missing_images(tmp_path):
-  fake_data.write_posetrack18(tmp_path / 'pt', videos=(('000001_a', 5, (1, 4)),))
+  fake_posetrack.write_posetrack18(tmp_path / 'pt', videos=(('000001_a', 5, (1, 4)),))
   os.remove(tmp_path / 'pt' / 'images' / 'val' / '000001_a' / '000003.jpg')  # t+2 of 1
   with pytest.raises(parsers.BadInputError, match='000001_a/000003.jpg: window frame not'):
     _build(tmp_path / 'pt', tmp_path / 'tfds1')

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from configs import common
+from tdmi_jax import keypoints
 from tdmi_jax.evaluation import posetrack_map
 
 CASES = ('case1', 'case2', 'case3', 'case4')
@@ -20,7 +20,7 @@ def test_golden_case_matches_official_poseval(poseval_golden, case):
   got = posetrack_map.evaluate_dirs(str(poseval_golden / case / 'gt'),
                                     str(poseval_golden / case / 'pred'))
   assert set(got) == {'summary', 'per_joint', 'num_frames'}
-  assert list(got['per_joint']) == list(common.POSEVAL_JOINT_NAMES)
+  assert list(got['per_joint']) == list(keypoints.POSEVAL_JOINT_NAMES)
   assert list(got['summary']) == ['Head', 'Shou', 'Elb', 'Wri', 'Hip', 'Knee', 'Ankl',
                                   'Total']
   for name, value in expected['per_joint'].items():
@@ -33,9 +33,9 @@ def test_golden_case_matches_official_poseval(poseval_golden, case):
 
 # --- Helpers for hand-made cases ---------------------------------------------------------
 
-NAMES17 = list(common.JOINT_NAMES)
+NAMES17 = list(keypoints.JOINT_NAMES)
 # poseval joint j lives in 2018 slot POSEVAL_FROM_POSETRACK[j].
-SLOT = common.POSEVAL_FROM_POSETRACK
+SLOT = keypoints.POSEVAL_FROM_POSETRACK
 
 
 def _category():

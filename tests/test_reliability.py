@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 from tdmi_jax import checkpointing
-from tdmi_jax import evaluate
 from tdmi_jax import train
 from tdmi_jax import workdir_lock
+from tdmi_jax.evaluation import evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUNLOCAL = '--config=configs/synthetic.py:runlocal'

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import common
+from tdmi_jax import keypoints
 from tdmi_jax.data import synthesize
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def test_layout_ids_and_structure_match_real_posetrack18(small, pt18_real):
     for name, gt in videos.items():
       assert list(gt) == ['categories', 'images', 'annotations']
       assert gt['categories'] == real['categories']
-      assert gt['categories'][0]['keypoints'] == list(common.JOINT_NAMES)
+      assert gt['categories'][0]['keypoints'] == list(keypoints.JOINT_NAMES)
       number = int(name[:6])
       assert name == f'{number:06d}_synth' and number not in numbers
       numbers.add(number)

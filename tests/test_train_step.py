@@ -14,6 +14,7 @@ from tdmi_jax import optim
 from tdmi_jax import sharding
 from tdmi_jax import state as state_lib
 from tdmi_jax import train_step as train_step_lib
+from tdmi_jax.models import layers
 
 K = 17
 H, W = 32, 24  # Crop; heatmaps are 8x6.
@@ -161,7 +162,7 @@ def test_frozen_backbone_no_grad_no_state_and_bn_policy(bn):
   assert not np.allclose(before[0]['head']['kernel'], params['head']['kernel'])
   # No optimizer state for the backbone: Adam's moments cover the trainable part only.
   opt_leaves = sum(x.size for x in jax.tree_util.tree_leaves(st.opt_state))
-  trainable = optim.count(params) - optim.count(params['backbone'])
+  trainable = layers.count_params(params) - layers.count_params(params['backbone'])
   assert opt_leaves == 2 * trainable + 2  # mu, nu, and the Adam and schedule counts.
   bb_before = before[1]['backbone']['bn1']['mean']
   if bn == 'frozen':
@@ -292,8 +293,8 @@ def test_real_tiny_tdmi_frozen_backbone_sharded_equals_single_device():
                          st2.params['backbone'])
   jax.tree_util.tree_map(np.testing.assert_array_equal, p0['batch_stats']['backbone'],
                          st2.batch_stats['backbone'])
-  trainable = optim.count(st2.params) - optim.count(st2.params['backbone'])
-  assert optim.count(st2.opt_state) == 2 * trainable + 2
+  trainable = layers.count_params(st2.params) - layers.count_params(st2.params['backbone'])
+  assert layers.count_params(st2.opt_state) == 2 * trainable + 2
   moved = {jax.tree_util.keystr(k): not np.array_equal(a, b) for (k, a), b in zip(
       jax.tree_util.tree_flatten_with_path(p0['params']['head'])[0],
       jax.tree_util.tree_leaves(st2.params['head']))}

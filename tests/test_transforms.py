@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from configs import common
-from tdmi_jax import transforms
+from tdmi_jax import keypoints
+from tdmi_jax.data import transforms
 
 
 def _joints(rng, n=17, w=640, h=480):
@@ -131,8 +132,8 @@ def test_half_body_crop_contains_chosen_joints():
     out = transforms.half_body_center_scale(j, np.random.default_rng(seed))
     assert out is not None
     center, scale, chosen = out
-    assert set(chosen) <= set(common.UPPER_BODY_JOINTS) or set(chosen) <= set(
-        common.LOWER_BODY_JOINTS)
+    assert set(chosen) <= set(keypoints.UPPER_BODY_JOINTS) or set(chosen) <= set(
+        keypoints.LOWER_BODY_JOINTS)
     m = transforms.affine_matrix(center, scale, 0.0, (288, 384))
     pts = transforms.transform_points(j[chosen, :2], m)
     assert (pts >= 0).all() and (pts[:, 0] <= 287).all() and (pts[:, 1] <= 383).all()
@@ -143,7 +144,7 @@ def test_half_body_crop_contains_chosen_joints():
     assert r2 == 0.0 and not f2
     m2 = transforms.affine_matrix(c2, s2, 0.0, (288, 384))
     inside = []
-    for half in (common.UPPER_BODY_JOINTS, common.LOWER_BODY_JOINTS):
+    for half in (keypoints.UPPER_BODY_JOINTS, keypoints.LOWER_BODY_JOINTS):
       ids = [k for k in half if j[k, 2] > 0]
       p = transforms.transform_points(j[ids, :2], m2)
       inside.append(bool((p >= 0).all() and (p[:, 0] <= 287).all() and (p[:, 1] <= 383).all()))

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tdmi_jax import video_io
+from tdmi_jax.inference import video_io
 
 
 def _clip(n=6, seq='000001_mpiinew_test'):

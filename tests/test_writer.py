@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from configs import common
+from tdmi_jax import keypoints
 from tdmi_jax.evaluation import posetrack_map
 from tdmi_jax.evaluation import writer
 
@@ -39,7 +39,7 @@ def test_files_mirror_gt_frames_with_dummies(pt18_real, tmp_path):
       p.name for p in gt_dir.iterdir())
   out = json.loads((tmp_path / name).read_text())
   assert [i['id'] for i in out['images']] == [i['id'] for i in gt['images']]
-  assert out['categories'][0]['keypoints'] == list(common.JOINT_NAMES)
+  assert out['categories'][0]['keypoints'] == list(keypoints.JOINT_NAMES)
   anns = out['annotations']
   assert [a['track_id'] for a in anns] == [4, 0, 1]   # unique within the frame
   first = np.array(anns[0]['keypoints']).reshape(17, 3)

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
-from configs import common
+from tdmi_jax import keypoints
 from tdmi_jax.data import render
 
 PRESETS = {
@@ -51,7 +51,7 @@ OUTPUT_DIRS = ('images', 'annotations', 'detections')
 CATEGORY_SKELETON = [[16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13],
                      [6, 7], [6, 8], [7, 9], [8, 10], [9, 11], [2, 3], [1, 2], [1, 3],
                      [2, 4], [3, 5], [4, 6], [5, 7]]
-ANNOTATED = np.array([k not in (3, 4) for k in range(common.NUM_JOINTS)])
+ANNOTATED = np.array([k not in (3, 4) for k in range(keypoints.NUM_JOINTS)])
 
 
 def image_id(video_number, frame_index):
@@ -317,18 +317,17 @@ def _tight_box(fig, t):
 
 
 def _annotation(fig, t, img_id, index):
-  kps = np.zeros((common.NUM_JOINTS, 3))
+  kps = np.zeros((keypoints.NUM_JOINTS, 3))
   kps[ANNOTATED, :2] = np.round(fig.joints[t, ANNOTATED], 2)
   kps[ANNOTATED, 2] = 1
   lo, hi = kps[ANNOTATED, :2].min(0), kps[ANNOTATED, :2].max(0)
   # PoseTrack18 GT boxes are the keypoints' extent enlarged by 15% on each side.
   c, ext = 0.5 * (lo + hi), 1.3 * (hi - lo)
   bbox = [round(float(v), 2) for v in (c[0] - ext[0] / 2, c[1] - ext[1] / 2, ext[0], ext[1])]
-  keypoints = [int(v) if k % 3 == 2 or v == 0 else float(v)
-               for k, v in enumerate(kps.reshape(-1))]
+  flat = [int(v) if k % 3 == 2 or v == 0 else float(v) for k, v in enumerate(kps.reshape(-1))]
   return {
       'bbox_head': render.head_box(fig.joints[t], fig.h),
-      'keypoints': keypoints,
+      'keypoints': flat,
       'track_id': index,
       'image_id': img_id,
       'bbox': bbox,
@@ -410,7 +409,7 @@ def _write_video(plan, root, size, markers, det_rng):
         dcpose.append({'image_name': file_name, 'bbox': bbox, 'score': score})
   gt = {
       'categories': [{'supercategory': 'person', 'id': 1, 'name': 'person',
-                      'keypoints': list(common.JOINT_NAMES),
+                      'keypoints': list(keypoints.JOINT_NAMES),
                       'skeleton': CATEGORY_SKELETON}],
       'images': images,
       'annotations': annotations,

@@ -15,8 +15,9 @@ import numpy as np
 from pycocotools import coco as coco_api
 from pycocotools import cocoeval
 
-from configs import common
-from datasets.posetrack import parsers
+from tdmi_jax import fileio
+from tdmi_jax import keypoints
+from tdmi_jax.data import parsers
 from tdmi_jax.evaluation import posetrack_map
 from tdmi_jax.evaluation import writer
 
@@ -25,14 +26,14 @@ STAT_NAMES = ('AP', 'AP50', 'AP75', 'APm', 'APl', 'AR', 'AR50', 'AR75', 'ARm', '
 
 def _keypoints(ann, path):
   try:
-    return np.asarray(ann['keypoints'], np.float64).reshape(common.NUM_JOINTS, 3)
+    return np.asarray(ann['keypoints'], np.float64).reshape(keypoints.NUM_JOINTS, 3)
   except (KeyError, TypeError, ValueError):
     raise posetrack_map.EvalInputError(
-        f'{path}: an annotation lacks {3 * common.NUM_JOINTS} keypoint values') from None
+        f'{path}: an annotation lacks {3 * keypoints.NUM_JOINTS} keypoint values') from None
 
 
 def _read(path):
-  data = posetrack_map.load_json(path)
+  data = fileio.load_json(path, posetrack_map.EvalInputError)
   if not isinstance(data, dict) or 'images' not in data:
     raise posetrack_map.EvalInputError(
         f'{path}: COCO keypoint AP reads 2018-format files only')

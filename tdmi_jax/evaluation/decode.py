@@ -10,8 +10,8 @@ heatmap size.
 
 import numpy as np
 
-from configs import common
-from tdmi_jax import transforms
+from tdmi_jax import keypoints
+from tdmi_jax.data import transforms
 
 # COCO keypoint OKS sigmas; PoseTrack's slots 1 and 2 (head bottom/top) sit where COCO's
 # eyes are, as in the PoseTrack evaluation code bases.
@@ -119,7 +119,7 @@ def flip_images(frames):
   return np.asarray(frames)[..., ::-1, :]
 
 
-def flip_back(heatmaps, flip_pairs=common.FLIP_PAIRS):
+def flip_back(heatmaps, flip_pairs=keypoints.FLIP_PAIRS):
   """Heatmaps of the mirrored input -> heatmaps in the original frame (mirror W, swap pairs)."""
   hm = np.asarray(heatmaps)[:, :, ::-1, :].copy()
   idx = np.arange(hm.shape[-1])
@@ -128,7 +128,7 @@ def flip_back(heatmaps, flip_pairs=common.FLIP_PAIRS):
   return hm[..., idx]
 
 
-def fuse_flip(heatmaps, flipped_heatmaps, flip_pairs=common.FLIP_PAIRS, shift=True):
+def fuse_flip(heatmaps, flipped_heatmaps, flip_pairs=keypoints.FLIP_PAIRS, shift=True):
   """Average of the heatmaps and the flipped-back heatmaps of the mirrored input.
 
   With `shift`, the flipped-back maps move one pixel right first (HRNet's flip test): the
@@ -164,11 +164,11 @@ def decode(heatmaps, center, scale, rotation=None, box_score=None, method='quart
   return np.concatenate([xy, (maxvals * box_score[:, None])[..., None]], -1)
 
 
-def person_score(keypoints, box_score, threshold=0.2):
+def person_score(people_kp, box_score, threshold=0.2):
   """HRNet's re-scoring: box score x mean heatmap max of joints above `threshold`."""
   box_score = np.asarray(box_score, np.float64)
   safe_box = np.where(box_score > 0, box_score, 1.0)
-  conf = np.asarray(keypoints)[..., 2] / safe_box[..., None]
+  conf = np.asarray(people_kp)[..., 2] / safe_box[..., None]
   above = conf > threshold
   mean = np.where(above.any(-1), (conf * above).sum(-1) / np.maximum(above.sum(-1), 1), 0)
   return box_score * mean
@@ -203,9 +203,9 @@ def oks(kp_a, kp_b, area_a, area_b, sigmas=OKS_SIGMAS):
   return np.exp(-e).mean(-1)
 
 
-def oks_nms(keypoints, scores, areas, threshold=0.9, sigmas=OKS_SIGMAS):
+def oks_nms(people_kp, scores, areas, threshold=0.9, sigmas=OKS_SIGMAS):
   """Indices of the poses kept by greedy OKS non-maximum suppression (highest score first)."""
-  keypoints = np.asarray(keypoints, np.float64)
+  people_kp = np.asarray(people_kp, np.float64)
   order = np.argsort(-np.asarray(scores, np.float64), kind='stable')
   keep = []
   while order.size:
@@ -213,7 +213,7 @@ def oks_nms(keypoints, scores, areas, threshold=0.9, sigmas=OKS_SIGMAS):
     keep.append(int(i))
     rest = order[1:]
     if rest.size:
-      o = oks(keypoints[i], keypoints[rest], float(areas[i]), np.asarray(areas)[rest],
+      o = oks(people_kp[i], people_kp[rest], float(areas[i]), np.asarray(areas)[rest],
               sigmas)
       rest = rest[o <= threshold]
     order = rest

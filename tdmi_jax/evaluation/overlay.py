@@ -6,7 +6,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from configs import common
+from tdmi_jax import keypoints
 
 
 def draw(image, people, score_thresh=0.2):
@@ -18,7 +18,7 @@ def draw(image, people, score_thresh=0.2):
   for p in people:
     kp = p['keypoints']
     conf = kp[:, 2] / max(p.get('box_score', 1.0), 1e-6)
-    for a, b in common.SKELETON:
+    for a, b in keypoints.SKELETON:
       if min(conf[a], conf[b]) >= score_thresh:
         cv2.line(canvas, tuple(int(v) for v in kp[a, :2]), tuple(int(v) for v in kp[b, :2]),
                  colour(min(conf[a], conf[b])), thick, cv2.LINE_AA)

@@ -38,23 +38,23 @@ dot product), so matches exactly at the 0.5 threshold agree bit for bit.
 
 import dataclasses
 import glob
-import json
 import numbers
 import os
 
 import numpy as np
 
-from configs import common
+from tdmi_jax import fileio
+from tdmi_jax import keypoints
 
 MIN_SCORE = -9999.0   # poseval's score for a predicted joint without a score.
 MAX_TRACK_ID = 10000  # poseval rejects track ids at or above this.
 DIST_THRESH = 0.5     # In head sizes.
 CHUNK_ELEMENTS = 1 << 21  # Padded (frame, pred, GT, joint) entries matched at once.
-NUM_POSEVAL_JOINTS = len(common.POSEVAL_JOINT_NAMES)
+NUM_POSEVAL_JOINTS = len(keypoints.POSEVAL_JOINT_NAMES)
 
 # 2018 landmark name -> poseval joint id (neck is called head_bottom in the files).
-_NAME_TO_POSEVAL = {common.JOINT_NAMES[slot]: j
-                    for j, slot in enumerate(common.POSEVAL_FROM_POSETRACK)}
+_NAME_TO_POSEVAL = {keypoints.JOINT_NAMES[slot]: j
+                    for j, slot in enumerate(keypoints.POSEVAL_FROM_POSETRACK)}
 
 
 class EvalInputError(ValueError):
@@ -92,16 +92,6 @@ class VideoPeople:
   has_points: np.ndarray
   track_id: list
   ignore: list
-
-
-def load_json(path):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise EvalInputError(f'{path}: file does not exist') from None
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise EvalInputError(f'{path}: malformed JSON ({e})') from None
 
 
 def first_value(value):
@@ -535,11 +525,19 @@ def voc_ap(scores, labels, num_gt):
 def summarize(per_joint_ap):
   """{'summary': {column: AP}, 'per_joint': {name: AP}} from 15 APs in poseval order."""
   ap = np.asarray(per_joint_ap, np.float64)
-  summary = {col: float(ap[list(js)].mean()) for col, js in common.POSEVAL_COLUMNS}
+  summary = {col: float(ap[list(js)].mean()) for col, js in keypoints.POSEVAL_COLUMNS}
   finite = ap[~np.isnan(ap)]
   summary['Total'] = float(finite.mean()) if finite.size else float('nan')
   return {'summary': summary,
-          'per_joint': {n: float(v) for n, v in zip(common.POSEVAL_JOINT_NAMES, ap)}}
+          'per_joint': {n: float(v) for n, v in zip(keypoints.POSEVAL_JOINT_NAMES, ap)}}
+
+
+def format_table(result):
+  """poseval's LaTeX-style table of a result dict: a header line and a row, one decimal."""
+  columns = keypoints.SUMMARY_COLUMNS
+  header = '&' + ' &'.join(f' {c:<4}' for c in columns) + '\\\\'
+  cells = ['{:>5}'.format('%1.1f' % result['summary'][c]) for c in columns]
+  return header + '\n&' + ' &'.join(cells) + ' \\\\'
 
 
 # --- Entry points -------------------------------------------------------------------------
@@ -611,6 +609,7 @@ def evaluate_dirs(gt_dir, pred_dir):
   def pairs():
     for f, n in zip(files, names):
       p = os.path.join(pred_dir, n)
-      yield (n, read_video(load_json(f), f), read_video(load_json(p), p))
+      yield (n, read_video(fileio.load_json(f, EvalInputError), f),
+             read_video(fileio.load_json(p, EvalInputError), p))
 
   return evaluate_videos(pairs())

@@ -15,14 +15,14 @@ float, 'track_id': int}, ...]}`. Image ids are the GT's `images[].id` (2018 file
 2017 annolist files, PoseTrack18's id rule on the image name (datasets.posetrack.parsers).
 """
 
-import json
 import os
 
 from absl import logging
 import numpy as np
 
-from configs import common
-from datasets.posetrack import parsers
+from tdmi_jax import fileio
+from tdmi_jax import keypoints
+from tdmi_jax.data import parsers
 from tdmi_jax.evaluation import posetrack_map
 
 DUMMY_SCORE = -100.0
@@ -30,8 +30,8 @@ DUMMY_SCORE = -100.0
 
 def _category():
   return [{'supercategory': 'person', 'id': 1, 'name': 'person',
-           'keypoints': list(common.JOINT_NAMES),
-           'skeleton': [[a + 1, b + 1] for a, b in common.SKELETON]}]
+           'keypoints': list(keypoints.JOINT_NAMES),
+           'skeleton': [[a + 1, b + 1] for a, b in keypoints.SKELETON]}]
 
 
 def gt_frames(data, path):
@@ -59,9 +59,9 @@ def gt_frames(data, path):
 
 
 def _dummy(image_id):
-  kp = np.zeros((common.NUM_JOINTS, 3))
-  scores = np.zeros(common.NUM_JOINTS)
-  ankle = common.JOINT_NAMES.index('right_ankle')
+  kp = np.zeros((keypoints.NUM_JOINTS, 3))
+  scores = np.zeros(keypoints.NUM_JOINTS)
+  ankle = keypoints.JOINT_NAMES.index('right_ankle')
   kp[ankle, 2] = 1
   scores[ankle] = DUMMY_SCORE
   return {'image_id': image_id, 'category_id': 1, 'keypoints': kp.ravel().tolist(),
@@ -69,7 +69,7 @@ def _dummy(image_id):
 
 
 def _annotation(image_id, person, track_id):
-  kp = np.asarray(person['keypoints'], np.float64).reshape(common.NUM_JOINTS, 3)
+  kp = np.asarray(person['keypoints'], np.float64).reshape(keypoints.NUM_JOINTS, 3)
   if not np.isfinite(kp).all():
     raise ValueError(f'image {image_id}: non-finite keypoints in a prediction')
   absent = (kp == 0).all(axis=1)
@@ -113,10 +113,8 @@ def write_video(path, frames, predictions):
     counts['renumbered'] += sum(t != p.get('track_id') for t, p in zip(tracks, people))
     annotations.extend(_annotation(image_id, p, t) for p, t in zip(people, tracks))
   out = {'images': frames, 'annotations': annotations, 'categories': _category()}
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(out, f)
-  os.replace(tmp, path)
+  # The writer has checked its numbers; skipping the NaN scan keeps large files fast.
+  fileio.write_json(path, out, indent=None, nan_as_null=False)
   return counts
 
 
@@ -133,7 +131,7 @@ def write_predictions(predictions, gt_dir, out_dir):
   stats = {'videos': 0, 'frames': 0, 'dummy_frames': 0}
   renumbered = 0
   for path in files:
-    frames = gt_frames(posetrack_map.load_json(path), path)
+    frames = gt_frames(fileio.load_json(path, posetrack_map.EvalInputError), path)
     seen.update(int(im['id']) for im in frames)
     counts = write_video(os.path.join(out_dir, os.path.basename(path)), frames, predictions)
     stats['dummy_frames'] += counts['dummy_frames']
@@ -158,11 +156,11 @@ def gt_as_predictions(gt_dir, score=1.0):
   """The GT people of gt_dir in the writer's input form (annotated joints at `score`)."""
   preds = {}
   for path in posetrack_map.gt_files(gt_dir):
-    data = posetrack_map.load_json(path)
+    data = fileio.load_json(path, posetrack_map.EvalInputError)
     if 'annolist' in data:
       raise posetrack_map.EvalInputError(f'{path}: gt_as_predictions reads 2018 files only')
     for ann in data.get('annotations') or []:
-      kp = np.asarray(ann['keypoints'], np.float64).reshape(common.NUM_JOINTS, 3)
+      kp = np.asarray(ann['keypoints'], np.float64).reshape(keypoints.NUM_JOINTS, 3)
       annotated = ~((kp[:, 0] == 0) & (kp[:, 1] == 0) & (kp[:, 2] == 0))
       kp[:, 2] = np.where(annotated, score, 0.0)
       preds.setdefault(int(ann['image_id']), []).append(

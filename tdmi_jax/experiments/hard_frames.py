@@ -40,8 +40,8 @@ import time
 import numpy as np
 
 from configs import synthetic as synthetic_config
-from tdmi_jax import input_pipeline
 from tdmi_jax import train
+from tdmi_jax.data import input_pipeline
 
 VARIANTS = ('single_frame', 'tdmi_no_mi', 'tdmi_kl', 'tdmi_reference', 'tdmi_club')
 SUBSETS = ('clean', 'degraded')
@@ -88,7 +88,7 @@ def make_config(variant, seed, steps, data_root, grad_clip_norm, quick, pretrain
 
 def _decay_at(config, steps, data_root):
   """Puts the single x0.1 decay at 75% of `steps`, in epochs (decay_epochs' unit)."""
-  train.prepare_data(config, data_root)  # Synthesises the shared dataset on first use.
+  input_pipeline.prepare_data(config, data_root)  # Synthesises the shared dataset on first use.
   n = input_pipeline.TrainData(config.data, config.batch_size, config.seed).num_examples
   steps_per_epoch = max(1, n // config.batch_size)
   config.optim.decay_epochs = (0.75 * steps / steps_per_epoch,) if steps >= 4 else ()

@@ -10,7 +10,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from configs import common
+from tdmi_jax import keypoints
 
 
 def frame_colour(index):
@@ -76,7 +76,7 @@ def write_posetrack18(root, split='val', videos=(('000001_mpii_test', 6, (0, 2, 
     with open(os.path.join(root, 'annotations', split, f'{seq}.json'), 'w') as f:
       json.dump({'images': images, 'annotations': anns,
                  'categories': [{'id': 1, 'name': 'person',
-                                 'keypoints': list(common.JOINT_NAMES)}]}, f)
+                                 'keypoints': list(keypoints.JOINT_NAMES)}]}, f)
   if box_file and split == 'val':
     os.makedirs(os.path.join(root, 'detections'), exist_ok=True)
     with open(os.path.join(root, 'detections', 'val_boxes_coco.json'), 'w') as f:

@@ -11,13 +11,13 @@ Conventions (those of the HRNet / DCPose code bases, so that decoded coordinates
 import numpy as np
 from PIL import Image
 
-from configs import common
+from tdmi_jax import keypoints
 
 
 # --- Boxes and affine transforms ---------------------------------------------------------
 
 
-def box_to_center_scale(box, aspect_ratio=0.75, enlarge=1.25, pixel_std=common.PIXEL_STD):
+def box_to_center_scale(box, aspect_ratio=0.75, enlarge=1.25, pixel_std=keypoints.PIXEL_STD):
   """(x, y, w, h) box -> centre [2] and scale [2] (w, h / pixel_std) at the crop's aspect."""
   x, y, w, h = (float(v) for v in box)
   center = np.array([x + 0.5 * w, y + 0.5 * h], np.float32)
@@ -29,7 +29,7 @@ def box_to_center_scale(box, aspect_ratio=0.75, enlarge=1.25, pixel_std=common.P
   return center, scale
 
 
-def affine_matrix(center, scale, rotation, output_size, pixel_std=common.PIXEL_STD,
+def affine_matrix(center, scale, rotation, output_size, pixel_std=keypoints.PIXEL_STD,
                   inverse=False):
   """2x3 similarity taking image points to crop points (`output_size` = (w, h)).
 
@@ -76,7 +76,7 @@ def transform_points(points, m):
 # --- Flip and half-body ------------------------------------------------------------------
 
 
-def swap_joint_pairs(arr, flip_pairs=common.FLIP_PAIRS):
+def swap_joint_pairs(arr, flip_pairs=keypoints.FLIP_PAIRS):
   """Swaps left/right joint slots along axis 0 ([K, ...] arrays) of a copy."""
   out = np.array(arr, copy=True)
   for a, b in flip_pairs:
@@ -84,15 +84,15 @@ def swap_joint_pairs(arr, flip_pairs=common.FLIP_PAIRS):
   return out
 
 
-def flip_joints(joints, width, flip_pairs=common.FLIP_PAIRS):
+def flip_joints(joints, width, flip_pairs=keypoints.FLIP_PAIRS):
   """Mirrors [K, 3] keypoints in an image `width` wide and swaps left/right slots."""
   out = np.array(joints, np.float64, copy=True)
   out[:, 0] = width - 1.0 - out[:, 0]
   return swap_joint_pairs(out, flip_pairs)
 
 
-def half_body_center_scale(joints, rng, aspect_ratio=0.75, pixel_std=common.PIXEL_STD,
-                           upper_ids=common.UPPER_BODY_JOINTS, enlarge=1.5):
+def half_body_center_scale(joints, rng, aspect_ratio=0.75, pixel_std=keypoints.PIXEL_STD,
+                           upper_ids=keypoints.UPPER_BODY_JOINTS, enlarge=1.5):
   """Centre/scale of a box around the upper or lower body's annotated joints, or None.
 
   Upper with probability 1/2 when it has > 2 annotated joints, else lower when it has > 2,
@@ -120,7 +120,7 @@ def half_body_center_scale(joints, rng, aspect_ratio=0.75, pixel_std=common.PIXE
 
 
 def sample_augmentation(rng, aug_cfg, joints, center, scale, image_width,
-                        aspect_ratio=0.75, pixel_std=common.PIXEL_STD):
+                        aspect_ratio=0.75, pixel_std=keypoints.PIXEL_STD):
   """Draws SPEC §7's training augmentation for one person.
 
   Returns (center, scale, rotation, flip, joints): the crop parameters in the (possibly
@@ -149,7 +149,7 @@ def sample_augmentation(rng, aug_cfg, joints, center, scale, image_width,
 
 
 def crop_matrix(center, scale, rotation, output_size, flip=False, image_width=None,
-                pixel_std=common.PIXEL_STD):
+                pixel_std=keypoints.PIXEL_STD):
   """Image -> crop affine, with an optional horizontal flip applied first."""
   m = affine_matrix(center, scale, rotation, output_size, pixel_std)
   if flip:
@@ -180,8 +180,8 @@ def warp_image(image, m, output_size, resample=Image.BILINEAR, image_scale=(1.0,
 
 def normalize(frames_uint8):
   """uint8 RGB -> float32 with ImageNet mean/std."""
-  inv_std = 1.0 / (np.asarray(common.IMAGENET_STD, np.float32) * 255.0)
-  shift = np.asarray(common.IMAGENET_MEAN, np.float32) * 255.0 * inv_std
+  inv_std = 1.0 / (np.asarray(keypoints.IMAGENET_STD, np.float32) * 255.0)
+  shift = np.asarray(keypoints.IMAGENET_MEAN, np.float32) * 255.0 * inv_std
   out = frames_uint8.astype(np.float32)
   out *= inv_std  # in place: this runs on every frame of every example
   out -= shift

@@ -22,9 +22,9 @@ import re
 
 import numpy as np
 
-from configs import common
+from tdmi_jax import keypoints
 
-NUM_JOINTS = common.NUM_JOINTS
+NUM_JOINTS = keypoints.NUM_JOINTS
 
 
 class BadInputError(ValueError):
@@ -220,7 +220,7 @@ def parse_annolist(path, rel_path='', data=None):
         points = (_scalar(rect.get('annopoints'), {}) or {}).get('point') or []
         for p in points:
           pid = int(_scalar(p['id']))
-          slot = common.POSEVAL_FROM_POSETRACK[pid]
+          slot = keypoints.POSEVAL_FROM_POSETRACK[pid]
           kp[slot] = [float(_scalar(p['x'])), float(_scalar(p['y'])), 1.0]
         if all(k in rect for k in ('x1', 'y1', 'x2', 'y2')):
           x1, y1 = float(_scalar(rect['x1'])), float(_scalar(rect['y1']))

@@ -30,18 +30,21 @@ Entry points (batch layout: CONTRACTS.md "Data"):
 import collections
 import concurrent.futures
 import hashlib
+import json
 import math
 import os
 import threading
 
 from absl import logging
+import jax
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from datasets.posetrack import parsers
-from datasets.posetrack import posetrack_dataset_builder as ptb
-from tdmi_jax import transforms
+from tdmi_jax import sharding
+from tdmi_jax.data import parsers
+from tdmi_jax.data import records
+from tdmi_jax.data import transforms
 
 BadInputError = parsers.BadInputError
 _KIND = {'synthetic': 'synthetic', 'posetrack17': 'posetrack2017',
@@ -68,7 +71,7 @@ def builder_config(data_cfg):
   key = '|'.join([manual_dir, os.path.abspath(det) if det else '', data_cfg.on_bad_input,
                   data_cfg.missing_support_frame])
   digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-  return ptb.PosetrackConfig(
+  return records.PosetrackConfig(
       name=f'{kind}_{digest}', kind=kind, det_boxes=os.path.abspath(det) if det else '',
       on_bad_input=data_cfg.on_bad_input, missing_support_frame=data_cfg.missing_support_frame,
       description=f'{kind} from {manual_dir}')
@@ -79,8 +82,7 @@ def get_builder(data_cfg):
   if not os.path.isdir(os.path.expanduser(data_cfg.manual_dir or '')):
     builder_config(data_cfg)  # raises the empty-field error first
     raise FileNotFoundError(f'config.data.manual_dir={data_cfg.manual_dir!r} does not exist')
-  import jax  # pylint: disable=g-import-not-at-top
-  builder = ptb.Builder(config=builder_config(data_cfg), data_dir=data_cfg.data_dir or None)
+  builder = records.Builder(config=builder_config(data_cfg), data_dir=data_cfg.data_dir or None)
   prepare = lambda: builder.download_and_prepare(
       file_format='array_record',
       download_config=tfds.download.DownloadConfig(
@@ -88,15 +90,47 @@ def get_builder(data_cfg):
   if jax.process_count() > 1:
     # Process 0 builds first so that hosts sharing a data_dir do not race; the others then
     # find it built (or build their own local copy).
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     if jax.process_index() == 0:
       prepare()
-    multihost_utils.sync_global_devices(f'posetrack build {builder.builder_config.name}')
+    sharding.sync(f'posetrack build {builder.builder_config.name}')
     if jax.process_index() != 0:
       prepare()
   else:
     prepare()
   return builder
+
+
+def prepare_data(config, workdir):
+  """Fills in config.data's paths; synthesises the synthetic dataset on first use.
+
+  Real PoseTrack data is never downloaded: a missing manual_dir is an error that carries
+  the download instructions. With several processes, one builds the TFDS files (a shared
+  filesystem is assumed) while the rest wait.
+  """
+  d = config.data
+  if d.name == 'synthetic':
+    if not d.manual_dir:
+      d.manual_dir = os.path.join(workdir, 'data', 'synthetic')
+    if not d.data_dir:
+      d.data_dir = os.path.join(workdir, 'data', 'tfds')
+    if not os.path.isdir(os.path.join(d.manual_dir, 'annotations')):
+      # Imported here: the generator (and its renderer) is only needed on first use.
+      from tdmi_jax.data import synthesize  # pylint: disable=g-import-not-at-top
+      if sharding.is_writer():
+        logging.info('Synthesising the dataset into %s (first use).', d.manual_dir)
+        summary = synthesize.generate(d.manual_dir, overwrite=True,
+                                      **config.synthetic.to_dict())
+        logging.info('Synthetic dataset: %s', json.dumps(summary))
+      sharding.sync('synthesize')
+  elif not d.manual_dir or not os.path.isdir(os.path.expanduser(d.manual_dir)):
+    raise FileNotFoundError(
+        f'config.data.manual_dir={d.manual_dir!r} ({d.name}) does not exist. PoseTrack '
+        'cannot be downloaded automatically; set --config.data.manual_dir=DIR after '
+        f'downloading it:\n{records.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+  if jax.process_count() > 1:
+    if sharding.is_writer():
+      get_builder(d)
+    sharding.sync('tfds_build')
 
 
 def load_records(data_cfg, split):
@@ -212,23 +246,15 @@ def _stack(examples):
 
 
 def _check_window(data_cfg):
-  if tuple(data_cfg.window) != ptb.WINDOW:
+  if tuple(data_cfg.window) != records.WINDOW:
     raise ValueError(f'config.data.window={tuple(data_cfg.window)}: the built records hold the '
-                     f'window {ptb.WINDOW}')
+                     f'window {records.WINDOW}')
 
 
 def _process_slice(global_batch_size, process_index, process_count, device_count):
-  import jax  # pylint: disable=g-import-not-at-top  (only for the topology defaults)
   process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  device_count = jax.device_count() if device_count is None else device_count
-  if global_batch_size % device_count:
-    raise ValueError(f'global batch size {global_batch_size} is not divisible by the device '
-                     f'count {device_count}')
-  if global_batch_size % process_count:
-    raise ValueError(f'global batch size {global_batch_size} is not divisible by the process '
-                     f'count {process_count}')
-  per = global_batch_size // process_count
+  per = sharding.check_batch_size(global_batch_size, device_count=device_count or jax.device_count(),
+                                  process_count=process_count)
   return process_index * per, per
 
 

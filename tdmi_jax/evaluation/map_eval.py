@@ -1,19 +1,23 @@
 """A model's PoseTrack mAP on val: predict every detector box, write, evaluate.
 
-Used by the training driver's periodic and final evaluation, by `--mode=eval`, by batch
-evaluation and by the hard-frame experiment. Predictions go to
-`<workdir>/predictions/<step>/` (one 2018-format file per GT video) and the metric to
-`<workdir>/eval_results.json` (schema of `python -m tdmi_jax.evaluate --json_out`), plus
-`<workdir>/eval_results_<step>.json` so earlier steps stay readable.
+`map_evaluation(config, workdir, step, predict_fn)` is the whole job, used by the training
+driver's periodic and final evaluation, by `--mode=eval`, by batch evaluation and by the
+hard-frame experiment. Predictions go to `<workdir>/predictions/<step>/` (one 2018-format
+file per GT video) and the metric to `<workdir>/eval_results.json` (schema of
+`python -m tdmi_jax.evaluate --json_out`), plus `<workdir>/eval_results_<step>.json` so
+earlier steps stay readable.
 """
 
-import json
 import os
 
 import numpy as np
 import tqdm
 
+from tdmi_jax import fileio
+from tdmi_jax import sharding
+from tdmi_jax.data import input_pipeline
 from tdmi_jax.evaluation import decode
+from tdmi_jax.evaluation import overlay
 from tdmi_jax.evaluation import posetrack_map
 from tdmi_jax.evaluation import writer
 
@@ -58,37 +62,26 @@ def _subset_gt(data, keep):
                                  if a.get('image_id') in kept])
 
 
-def evaluate_subsets(gt_dir, pred_dir):
+def subset_results(gt_dir, pred_dir):
   """{'all': result, and 'clean'/'degraded' results where the GT marks degraded frames}."""
   results = {'all': posetrack_map.evaluate_dirs(gt_dir, pred_dir)}
   files = posetrack_map.gt_files(gt_dir)
-  gts = [(os.path.basename(f), posetrack_map.load_json(f)) for f in files]
+  gts = [(os.path.basename(f), fileio.load_json(f, posetrack_map.EvalInputError))
+         for f in files]
   marked = any(im.get('degradation', 'none') != 'none'
                for _, data in gts if isinstance(data, dict) for im in data.get('images', []))
   if not marked:
     return results
-  preds = {n: posetrack_map.read_video(posetrack_map.load_json(os.path.join(pred_dir, n)),
-                                       os.path.join(pred_dir, n)) for n, _ in gts}
+  preds = {}
+  for n, _ in gts:
+    path = os.path.join(pred_dir, n)
+    preds[n] = posetrack_map.read_video(fileio.load_json(path, posetrack_map.EvalInputError),
+                                        path)
   for name, keep in SUBSETS.items():
     pairs = [(n, posetrack_map.read_video(_subset_gt(data, keep), n), preds[n])
              for n, data in gts]
     results[name] = posetrack_map.evaluate_videos(pairs)
   return results
-
-
-def write_results(result, path):
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(_jsonable(result), f, indent=2)
-  os.replace(tmp, path)
-
-
-def _jsonable(x):
-  if isinstance(x, dict):
-    return {k: _jsonable(v) for k, v in x.items()}
-  if isinstance(x, float) and not np.isfinite(x):
-    return None
-  return x
 
 
 def finalize(predictions, gt_dir, workdir, step):
@@ -99,22 +92,14 @@ def finalize(predictions, gt_dir, workdir, step):
   """
   pred_dir = os.path.join(workdir, 'predictions', str(int(step)))
   writer.write_predictions(predictions, gt_dir, pred_dir)
-  results = evaluate_subsets(gt_dir, pred_dir)
+  results = subset_results(gt_dir, pred_dir)
   out = dict(results['all'])
   out['step'] = int(step)
   if len(results) > 1:
     out['subsets'] = {k: v for k, v in results.items() if k != 'all'}
-  write_results(out, os.path.join(workdir, f'eval_results_{int(step)}.json'))
-  write_results(out, os.path.join(workdir, 'eval_results.json'))
+  fileio.write_json(os.path.join(workdir, f'eval_results_{int(step)}.json'), out)
+  fileio.write_json(os.path.join(workdir, 'eval_results.json'), out)
   return results
-
-
-def evaluate_model(predict_fn, eval_data, gt_dir, workdir, step, *, flip_test=False,
-                   method='quarter', progress=True):
-  """`predict` then `finalize`, in one process."""
-  predictions = predict(predict_fn, eval_data, flip_test=flip_test, method=method,
-                        progress=progress)
-  return finalize(predictions, gt_dir, workdir, step)
 
 
 def flat_metrics(results):
@@ -125,3 +110,38 @@ def flat_metrics(results):
     for k, v in result['summary'].items():
       out[f'{prefix}/{k}'] = float(v) if v is not None else float('nan')
   return out
+
+
+def map_evaluation(config, workdir, step, predict_fn):
+  """PoseTrack mAP on val detector boxes: predictions/<step>/ and eval_results.json.
+
+  `predict_fn(batch) -> heatmaps` (numpy, this process's rows), e.g.
+  `train_step.make_predict_fn`. Every process predicts its slice; process 0 gathers the
+  rows, writes the files and evaluates. Returns flat metrics ({'map/Total': ...,
+  'map_degraded/Total': ... on synthetic data}); {} when config.eval.map is off.
+  """
+  if not config.eval.map:
+    return {}
+  data_cfg = config.data.copy_and_resolve_references()
+  data_cfg.use_gt_boxes_for_val = config.eval.use_gt_boxes
+  eval_data = input_pipeline.EvalData(data_cfg, config.eval_batch_size)
+  predictions = predict(
+      predict_fn, eval_data, flip_test=config.eval.flip_test, method=config.eval.decode,
+      progress=sharding.is_writer(), gather=sharding.gather_rows)
+  metrics = {}
+  if sharding.is_writer():
+    gt_dir = input_pipeline.val_gt_dir(data_cfg)
+    results = finalize(predictions, gt_dir, workdir, step)
+    if config.eval.num_overlays:
+      overlay.write_eval_overlays(
+          predictions, posetrack_map.gt_files(gt_dir), data_cfg.manual_dir,
+          os.path.join(workdir, 'overlays', str(int(step))), config.eval.num_overlays)
+    print(f'PoseTrack mAP at step {int(step)} ({results["all"]["num_frames"]} frames):')
+    print(posetrack_map.format_table(results['all']))
+    for name in ('clean', 'degraded'):
+      if name in results:
+        print(f'{name} key frames ({results[name]["num_frames"]} frames): Total '
+              f'{results[name]["summary"]["Total"]:.1f}')
+    metrics = flat_metrics(results)
+  sharding.sync('map_evaluation')
+  return metrics

@@ -1,0 +1,251 @@
+r"""Batch evaluation: the PoseTrack mAP of every (or the chosen) checkpoint of a workdir.
+
+  python -m tdmi_jax.batch_eval --config=configs/synthetic.py:runlocal --workdir=DIR \
+      [--steps=all|last|N,M] [--reuse]
+
+--config must be the training run's config (with the same overrides), so that its
+checkpoints fit the model. Each chosen step is restored and evaluated by the training
+driver's own mAP evaluation (`map_eval.map_evaluation`: val detector boxes, flip test and
+decoding per config.eval), which writes `<workdir>/predictions/<step>/`,
+`<workdir>/eval_results_<step>.json` and `<workdir>/eval_results.json` (left holding the
+last evaluated step). With --reuse, a step whose eval_results_<step>.json already exists
+is read instead of evaluated again. The tables go to `<workdir>/batch_eval/`:
+
+  map_per_step.csv    step, poseval's 15 per-joint APs, Head..Ankl, Total (percent)
+  map_per_step.md     the same as a markdown table (one decimal)
+  map_over_steps.png  Total and the 7 summary columns against the step
+"""
+
+import csv
+import json
+import math
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+import orbax.checkpoint as ocp
+import tqdm
+
+from tdmi_jax import keypoints
+from tdmi_jax import sharding
+from tdmi_jax import state as state_lib
+from tdmi_jax import train_step as train_step_lib
+from tdmi_jax.data import input_pipeline
+from tdmi_jax.evaluation import map_eval
+
+SUMMARY_COLUMNS = keypoints.SUMMARY_COLUMNS
+COLUMNS = ('step',) + keypoints.POSEVAL_JOINT_NAMES + SUMMARY_COLUMNS
+OUT_DIR = 'batch_eval'
+
+
+class BatchEvalError(ValueError):
+  """Bad input to batch evaluation (no checkpoints, unknown step, unreadable results)."""
+
+
+def available_steps(workdir):
+  """Sorted steps of the finished checkpoints under `<workdir>/checkpoints/`."""
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(ckpt_dir):
+    return []
+  # Unfinished orbax saves live in '<step>.orbax-checkpoint-tmp-*' folders: not digits.
+  return sorted(int(d) for d in os.listdir(ckpt_dir)
+                if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d, 'state')))
+
+
+def select_steps(spec, available):
+  """'all', 'last' or a comma list of steps, checked against `available`."""
+  spec = (spec or 'all').strip()
+  if spec == 'all':
+    return list(available)
+  if spec == 'last':
+    return [max(available)]
+  try:
+    wanted = sorted({int(s) for s in spec.split(',') if s.strip()})
+  except ValueError:
+    raise BatchEvalError(f"--steps={spec!r}: expected 'all', 'last' or a comma list of "
+                         f'steps such as 2,4; available steps: {available}') from None
+  if not wanted:
+    raise BatchEvalError(f'--steps={spec!r} names no step; available steps: {available}')
+  unknown = [s for s in wanted if s not in available]
+  if unknown:
+    raise BatchEvalError(f'--steps: no checkpoint for step(s) {unknown}; available steps: '
+                         f'{available}')
+  return wanted
+
+
+def results_path(workdir, step):
+  return os.path.join(workdir, f'eval_results_{int(step)}.json')
+
+
+def read_row(workdir, step):
+  """One table row from `eval_results_<step>.json` (None values, i.e. NaN, become nan)."""
+  path = results_path(workdir, step)
+  try:
+    with open(path) as f:
+      result = json.load(f)
+    values = [result['per_joint'][n] for n in keypoints.POSEVAL_JOINT_NAMES]
+    values += [result['summary'][c] for c in SUMMARY_COLUMNS]
+  except FileNotFoundError:
+    raise BatchEvalError(f'{path} was not written (is config.eval.map off?)') from None
+  except (ValueError, KeyError, TypeError) as e:
+    raise BatchEvalError(f'{path} is not a readable eval_results file: {e!r}') from None
+  row = {'step': int(step)}
+  row.update({k: math.nan if v is None else float(v) for k, v in zip(COLUMNS[1:], values)})
+  return row
+
+
+def write_csv(rows, path):
+  tmp = path + '.tmp'
+  with open(tmp, 'w', newline='') as f:
+    out = csv.writer(f)
+    out.writerow(COLUMNS)
+    for r in rows:
+      out.writerow([r['step']] + [repr(r[c]) for c in COLUMNS[1:]])
+  os.replace(tmp, path)
+
+
+def format_markdown(rows):
+  def cell(v):
+    return '-' if math.isnan(v) else f'{v:.1f}'
+  lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---:|' * len(COLUMNS)]
+  for r in rows:
+    lines.append('| ' + ' | '.join([str(r['step'])] + [cell(r[c]) for c in COLUMNS[1:]])
+                 + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def plot(rows, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  steps = [r['step'] for r in rows]
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for c in SUMMARY_COLUMNS:
+    total = c == 'Total'
+    ax.plot(steps, [r[c] for r in rows], marker='o', label=c, linewidth=3 if total else 1.2,
+            color='black' if total else None, zorder=3 if total else 2)
+  finite = [r[c] for r in rows for c in SUMMARY_COLUMNS if not math.isnan(r[c])]
+  ax.set_ylim(0, max(finite + [1.0]) * 1.05)
+  ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+  ax.set_xlabel('step')
+  ax.set_ylabel('PoseTrack AP (%)')
+  ax.set_title('mAP over training steps')
+  ax.grid(alpha=0.3)
+  ax.legend(ncol=4, fontsize='small')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def write_outputs(rows, workdir):
+  """map_per_step.csv / .md / map_over_steps.png under <workdir>/batch_eval/."""
+  out_dir = os.path.join(workdir, OUT_DIR)
+  os.makedirs(out_dir, exist_ok=True)
+  write_csv(rows, os.path.join(out_dir, 'map_per_step.csv'))
+  with open(os.path.join(out_dir, 'map_per_step.md'), 'w') as f:
+    f.write(format_markdown(rows))
+  plot(rows, os.path.join(out_dir, 'map_over_steps.png'))
+  return out_dir
+
+
+def abstract_state(config, mesh):
+  """(model, restore target): the driver's own TrainState, as replicated shapes only.
+
+  The same `state.create_state` as training, so its checkpoints fit; traced with
+  eval_shape, so nothing is initialised or compiled. The optimizer state is restored too
+  (orbax needs the whole tree) and then ignored.
+  """
+  built = {}
+
+  def build():
+    built['model'], state, *_ = state_lib.create_state(config, mesh, 1, mode='eval')
+    return state
+
+  shapes = jax.eval_shape(build)
+  replicated = sharding.replicated(mesh)
+  return built['model'], jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
+
+
+def map_per_step(config, workdir, steps='all', reuse=False):
+  """Evaluates the chosen checkpoints of `workdir`; returns the table rows, sorted by step."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  available = available_steps(workdir)
+  if not available:
+    raise BatchEvalError(f'No checkpoints under {os.path.join(workdir, "checkpoints")}: '
+                         'is --workdir a training workdir (launch.py --workdir)?')
+  chosen = select_steps(steps, available)
+  todo = [s for s in chosen if not (reuse and os.path.exists(results_path(workdir, s)))]
+  logging.info('Batch eval of steps %s (%s reused).', chosen, sorted(set(chosen) - set(todo)))
+
+  config = config.copy_and_resolve_references()
+  config.eval.map = True  # The whole point here.
+  config.init_from = ''   # Every weight comes from the restored checkpoint.
+  ckptr = eval_step = state = mesh = None
+  if todo:
+    input_pipeline.prepare_data(config, workdir)
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+    model, state = abstract_state(config, mesh)
+    eval_step = train_step_lib.make_eval_step(model=model, mesh=mesh)
+    # Read-only: checkpointing.Checkpoints (a CheckpointManager) would clean up the
+    # unfinished saves of a training run that may still be writing this workdir.
+    ckptr = ocp.StandardCheckpointer()
+  rows = []
+  try:
+    for step in tqdm.tqdm(chosen, desc='batch eval', unit='ckpt',
+                          disable=not sharding.is_writer()):
+      if step in todo:
+        path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+        try:
+          restored = ckptr.restore(path, state)
+        except Exception as e:  # pylint: disable=broad-except
+          raise BatchEvalError(
+              f'Cannot restore {path} into the model of '
+              f'this --config ({e}); pass the training run\'s config and overrides '
+              f'(see {os.path.join(workdir, "config.json")}).') from e
+        map_eval.map_evaluation(config, workdir, step,
+                                train_step_lib.make_predict_fn(restored, eval_step, mesh))
+        del restored
+      rows.append(read_row(workdir, step) if sharding.is_writer() else {'step': step})
+  finally:
+    if ckptr is not None:
+      ckptr.close()
+  if sharding.is_writer():
+    out_dir = write_outputs(rows, workdir)
+    logging.info('Batch eval tables written to %s', out_dir)
+  return rows
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', 'configs/synthetic.py', 'The training run\'s config file (path[:args]).',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The training workdir.', required=True)
+_STEPS = flags.DEFINE_string('steps', 'all', "'all', 'last' or a comma list of steps.")
+_REUSE = flags.DEFINE_bool('reuse', False, 'Read steps whose eval_results_<step>.json exists '
+                           'instead of evaluating them again.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  sharding.maybe_initialize_distributed(config.distributed)
+  try:
+    rows = map_per_step(config, _WORKDIR.value, _STEPS.value, _REUSE.value)
+  except (BatchEvalError, FileNotFoundError, ValueError) as e:
+    logging.exception('Batch eval failed')
+    print(f'ERROR: {e}', file=sys.stderr)
+    sys.exit(1)
+  if jax.process_index() == 0:
+    print(format_markdown(rows), end='')
+    print('Written to', os.path.join(os.path.abspath(_WORKDIR.value), OUT_DIR))
+
+
+if __name__ == '__main__':
+  app.run(main)

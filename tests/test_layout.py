@@ -1,0 +1,91 @@
+"""The package layout's promises: one direction of imports, safe names, working aliases."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _imported_modules(path):
+  """Every module `path` imports, `from a import b` counted as both a and a.b."""
+  tree = ast.parse(path.read_text(), str(path))
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      yield from (a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      yield node.module
+      yield from (f'{node.module}.{a.name}' for a in node.names)
+
+
+def _library_files():
+  # An experiment may read the config it runs and call the driver.
+  return [p for p in sorted((ROOT / 'tdmi_jax').rglob('*.py')) if 'experiments' not in p.parts]
+
+
+def test_library_never_imports_configs_or_the_datasets_folder():
+  offenders = []
+  for path in _library_files():
+    for name in _imported_modules(path):
+      if name.split('.')[0] in ('configs', 'datasets'):
+        offenders.append(f'{path.relative_to(ROOT)}: {name}')
+  assert not offenders
+
+
+def test_the_driver_is_imported_by_no_library_module():
+  users = [str(p.relative_to(ROOT)) for p in _library_files()
+           if 'tdmi_jax.train' in set(_imported_modules(p))]
+  assert users == []
+
+
+def test_datasets_folder_does_not_shadow_an_installed_datasets_package(tmp_path):
+  # A stand-in for Hugging Face's `datasets`, installed after the repo on the path: the
+  # repo's datasets/ folder (no __init__.py) must not win, even with the repo root first.
+  site = tmp_path / 'site'
+  (site / 'datasets').mkdir(parents=True)
+  (site / 'datasets' / '__init__.py').write_text('HF = True\n')
+  code = ('import datasets, tdmi_jax.data.input_pipeline, tdmi_jax.data.records;'
+          'print(datasets.HF)')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                        env={'PYTHONPATH': f'{ROOT}:{site}', 'PATH': '/usr/bin:/bin'},
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() == 'True'
+  assert not (ROOT / 'datasets' / '__init__.py').exists()
+  assert 'datasets' not in (ROOT / 'pyproject.toml').read_text().split('include')[1]
+
+
+def test_tfds_command_line_finds_the_builder_in_the_datasets_folder():
+  # What `tfds build datasets/posetrack` does: import posetrack.posetrack_dataset_builder with
+  # datasets/ on the path and take the one builder class defined there.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tdmi_jax.data import records  # pylint: disable=g-import-not-at-top
+  with tfds.core.utils.add_sys_path(ROOT / 'datasets'):
+    cls = tfds.core.community.builder_cls_from_module('posetrack.posetrack_dataset_builder')
+  assert cls.name == records.Builder.name == 'posetrack'
+  assert issubclass(cls, records.Builder)
+  assert [c.name for c in cls.BUILDER_CONFIGS] == [
+      'posetrack2017', 'posetrack2018', 'posetrack21', 'synthetic']
+
+
+def test_old_module_names_are_the_moved_modules():
+  from tdmi_jax import batch_eval, evaluate, infer  # pylint: disable=g-import-not-at-top
+  from tdmi_jax.evaluation import batch_eval as new_batch_eval  # pylint: disable=g-import-not-at-top
+  from tdmi_jax.evaluation import evaluate as new_evaluate  # pylint: disable=g-import-not-at-top
+  from tdmi_jax.inference import infer as new_infer  # pylint: disable=g-import-not-at-top
+  assert evaluate is new_evaluate and batch_eval is new_batch_eval and infer is new_infer
+
+
+def test_python_m_aliases_run_the_moved_command_lines():
+  from tdmi_jax.evaluation import batch_eval  # pylint: disable=g-import-not-at-top
+  from tdmi_jax.inference import infer  # pylint: disable=g-import-not-at-top
+  cases = (('tdmi_jax.evaluate', '--gt_dir', 'poseval'),
+           ('tdmi_jax.batch_eval', '--workdir', batch_eval.__doc__.split('\n')[0]),
+           ('tdmi_jax.infer', '--checkpoint', infer.__doc__.split('\n')[0]))
+  for module, flag, doc in cases:
+    proc = subprocess.run([sys.executable, '-m', module, '--help'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    # absl ends --help with status 1, argparse with 0; both print the moved module's help.
+    assert proc.returncode in (0, 1) and flag in proc.stdout and doc in proc.stdout, (
+        module, proc.stdout[-2000:], proc.stderr[-2000:])
