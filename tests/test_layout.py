@@ -70,10 +70,14 @@ def test_tfds_command_line_finds_the_builder_in_the_datasets_folder():
 
 
 def test_old_module_names_are_the_moved_modules():
-  from tdmi_jax import batch_eval, evaluate, infer  # pylint: disable=g-import-not-at-top
-  from tdmi_jax.evaluation import batch_eval as new_batch_eval  # pylint: disable=g-import-not-at-top
-  from tdmi_jax.evaluation import evaluate as new_evaluate  # pylint: disable=g-import-not-at-top
-  from tdmi_jax.inference import infer as new_infer  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from tdmi_jax import batch_eval
+  from tdmi_jax import evaluate
+  from tdmi_jax import infer
+  from tdmi_jax.evaluation import batch_eval as new_batch_eval
+  from tdmi_jax.evaluation import evaluate as new_evaluate
+  from tdmi_jax.inference import infer as new_infer
+  # pylint: enable=g-import-not-at-top
   assert evaluate is new_evaluate and batch_eval is new_batch_eval and infer is new_infer
 
 
