@@ -1,6 +1,7 @@
 """The package layout's promises: one direction of imports, safe names, working aliases."""
 
 import ast
+import re
 import pathlib
 import subprocess
 import sys
@@ -93,3 +94,22 @@ def test_python_m_aliases_run_the_moved_command_lines():
     # absl ends --help with status 1, argparse with 0; both print the moved module's help.
     assert proc.returncode in (0, 1) and flag in proc.stdout and doc in proc.stdout, (
         module, proc.stdout[-2000:], proc.stderr[-2000:])
+
+
+def test_documents_link_only_inside_the_repository():
+  problems = []
+  for doc in sorted(ROOT.rglob('*.md')):
+    if '.git' in doc.parts:
+      continue
+    text = doc.read_text()
+    for target in re.findall(r'\]\(([^)\s]+)\)', text):
+      path = target.split('#')[0]
+      if not path or re.match(r'[a-z]+://', path):
+        continue
+      resolved = (doc.parent / path).resolve()
+      if ROOT not in (resolved, *resolved.parents) or not resolved.exists():
+        problems.append(f'{doc.relative_to(ROOT)}: {target}')
+    # The specification and layout notes the project started from live outside the repo.
+    outside = re.findall(r'\S*(?:SPEC|LAYOUT)\.md', text)
+    problems += [f'{doc.relative_to(ROOT)}: {m}' for m in outside]
+  assert not problems
