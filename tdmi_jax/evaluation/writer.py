@@ -12,7 +12,7 @@ which poseval reads as "no prediction for this joint".
 
 `predictions` is CONTRACTS.md's `{image_id: [{'keypoints': [17, 3] (x, y, score), 'score':
 float, 'track_id': int}, ...]}`. Image ids are the GT's `images[].id` (2018 files) or, for
-2017 annolist files, PoseTrack18's id rule on the image name (datasets.posetrack.parsers).
+2017 annolist files, PoseTrack18's id rule on the image name (`parsers.posetrack_image_id`).
 """
 
 import os
