@@ -1,8 +1,9 @@
 """The package layout's promises: one direction of imports, safe names, working aliases."""
 
 import ast
-import re
+import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -113,3 +114,20 @@ def test_documents_link_only_inside_the_repository():
     outside = re.findall(r'\S*(?:SPEC|LAYOUT)\.md', text)
     problems += [f'{doc.relative_to(ROOT)}: {m}' for m in outside]
   assert not problems
+
+
+def test_missing_real_fixtures_skip_on_a_fresh_clone_and_fail_under_ci(tmp_path):
+  def run(ci):
+    env = {k: v for k, v in os.environ.items() if k != 'CI'}
+    env.update(TDMI_FIXTURES_DIR=str(tmp_path / 'absent'), PYTHONPATH=str(ROOT))
+    if ci:
+      env['CI'] = 'true'
+    return subprocess.run(
+        [sys.executable, '-m', 'pytest', '-q', '-rs', '-p', 'no:cacheprovider',
+         'tests/test_writer.py::test_gt_written_as_predictions_scores_100_on_real_fixtures'],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  fresh, ci = run(False), run(True)
+  assert fresh.returncode == 0, fresh.stdout[-2000:]
+  assert 'SKIPPED [1]' in fresh.stdout and 'real PoseTrack fixtures not found' in fresh.stdout
+  assert ci.returncode != 0, ci.stdout[-2000:]
+  assert 'ERROR' in ci.stdout and 'CI=true: real PoseTrack fixtures not found' in ci.stdout
