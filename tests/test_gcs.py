@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+# Before gcsfs is imported: its zonal-bucket detection speaks gRPC, which the fake lacks.
+os.environ['GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'] = 'false'
 pytest.importorskip('gcsfs', reason='gs:// needs requirements-gcs.txt')
 pytest.importorskip('google.cloud.storage', reason='gs:// needs requirements-gcs.txt')
 
