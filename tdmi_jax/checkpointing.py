@@ -41,7 +41,7 @@ class Checkpoints:
           # The interval and preemption policies only: orbax's default set would also
           # save the very first step of every fresh run.
           save_decision_policy=ocp.checkpoint_managers.AnySavePolicy([
-              ocp.checkpoint_managers.FixedIntervalPolicy(ckpt_cfg.every_steps),
+              ocp.checkpoint_managers.FixedIntervalPolicy(ckpt_cfg.get('every_steps') or 1),
               ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]),
           create=True,
           # Leftovers of a save cut short by a kill; safe, the workdir lock
