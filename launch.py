@@ -4,12 +4,15 @@ r"""Trains and/or evaluates TDMI.
   python launch.py --config=configs/posetrack18.py:variant=hrnet_w48 --workdir=runs/pt18 \
       --config.data.manual_dir=/data/PoseTrack18 [--mode=train|eval|train_and_eval]
 
-Multi-host (TPU pods, SLURM, or by hand): --config.distributed=True, or the environment
-(JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or TDMI_DISTRIBUTED=1),
-makes every process call jax.distributed.initialize() before anything else touches JAX.
+Multi-host: every process calls jax.distributed.initialize() before anything else touches
+JAX when --config.distributed=True, TDMI_DISTRIBUTED=1 or JAX_COORDINATOR_ADDRESS /
+JAX_NUM_PROCESSES / JAX_PROCESS_ID (by hand) are set, or on a Cloud TPU VM, a SLURM job
+or an Open MPI run of several tasks (discovered by JAX). An error on any process ends
+every process with a non-zero status and the error's message.
 """
 
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -37,21 +40,28 @@ def main(argv):
     distributed = config.distributed
   except OSError as e:  # A --config file that does not load is reported lazily, here.
     _fail(e)
-  sharding.maybe_initialize_distributed(distributed)
-  logging.info("Process %d of %d", jax.process_index(), jax.process_count())
+  try:
+    sharding.maybe_initialize_distributed(distributed)
+  except ValueError as e:
+    print(f'ERROR: {e}', file=sys.stderr)
+    sys.exit(2)
+  logging.info('Process %d of %d', jax.process_index(), jax.process_count())
   try:
     train.train_and_evaluate(config, _WORKDIR.value, _MODE.value)
   except workdir_lock.WorkdirInUseError as e:
-    print(f'ERROR: {e}', file=sys.stderr)
-    sys.exit(1)
+    sharding.abort(str(e))
   except train.ConfigError as e:  # Found before any work: the message says it all.
-    print(f'ERROR: {e}', file=sys.stderr)
-    sys.exit(2)
-  except (train.NonFiniteLossError, FileNotFoundError, ValueError) as e:
+    sharding.abort(str(e), code=2)
+  except (train.NonFiniteLossError, FileNotFoundError, ValueError, ImportError) as e:
     # Clear error, non-zero exit; the traceback stays in the log for debugging.
     logging.exception('Run failed')
-    print(f'ERROR: {e}', file=sys.stderr)
-    sys.exit(1)
+    sharding.abort(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    if jax.process_count() == 1:
+      raise
+    # Any other failure: the traceback here, and no other process left waiting.
+    traceback.print_exc()
+    sharding.abort(e)
 
 
 def _fail(e):

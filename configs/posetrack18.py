@@ -38,6 +38,9 @@ def base_config(dataset, variant):
   config.init_from = ''           # Workdir/checkpoint of pretrained weights.
   config.init_from_kind = 'backbone'  # 'backbone' | 'full'.
   config.distributed = False      # jax.distributed.initialize() (also via environment).
+  # JAX's persistent compilation cache (local or gs://); '' off. JAX_COMPILATION_CACHE_DIR,
+  # when set, wins. A restart loads the compiled steps instead of compiling them again.
+  config.compilation_cache_dir = '~/.cache/tdmi_jax/jax_cache'
   # PoseTrack mAP on val (tdmi_jax.evaluation), at every periodic eval and at the end.
   config.eval = ml_collections.ConfigDict()
   config.eval.map = True

@@ -5,6 +5,11 @@ Layout: `<workdir>/checkpoints/<step>/{state,data}`: `state` is the TrainState p
 pure function of (seed, step), so that position is the step, the seed and the global batch
 size; restoring checks the latter two still match, so a resumed run sees exactly the
 batches an uninterrupted one would have.
+
+The manager decides when to save: every `config.checkpoint.every_steps` steps and at the
+step where every process reaches the preemption sync point after a SIGTERM to any of them
+(`reached_preemption`; jax's coordination service agrees on that step). Paths go through
+etils.epath, so the directory may be local or `gs://`.
 """
 
 import os
@@ -15,28 +20,53 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tdmi_jax import paths
+
 
 class Checkpoints:
-  """A CheckpointManager with the keep-policy of `config.checkpoint`."""
+  """A CheckpointManager with the save interval and keep-policy of `config.checkpoint`.
 
-  def __init__(self, directory, ckpt_cfg):
-    self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=ckpt_cfg.max_to_keep,
-        keep_period=ckpt_cfg.keep_period or None,
-        create=True,
-        # Leftovers of a save cut short by a kill; safe, the workdir lock (workdir_lock.py)
-        # guarantees no other run is saving here.
-        cleanup_tmp_directories=True,
-        enable_async_checkpointing=True)
+  `read_only=True` (batch evaluation) lists and restores but never saves, deletes or cleans
+  up: a training run may still be writing the directory.
+  """
+
+  def __init__(self, directory, ckpt_cfg=None, *, read_only=False):
+    self.directory = paths.path(directory)
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=ckpt_cfg.max_to_keep,
+          keep_period=ckpt_cfg.keep_period or None,
+          # The interval and preemption policies only: orbax's default set would also
+          # save the very first step of every fresh run.
+          save_decision_policy=ocp.checkpoint_managers.AnySavePolicy([
+              ocp.checkpoint_managers.FixedIntervalPolicy(ckpt_cfg.get('every_steps') or 1),
+              ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]),
+          create=True,
+          # Leftovers of a save cut short by a kill; safe, the workdir lock
+          # (workdir_lock.py) guarantees no other run is saving here.
+          cleanup_tmp_directories=True,
+          enable_async_checkpointing=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'data'))
 
   def latest_step(self):
     return self.manager.latest_step()
 
+  def all_steps(self):
+    return sorted(self.manager.all_steps())
+
+  def reached_preemption(self, step):
+    """True on every process at the same step once any of them got SIGTERM (multi-process
+    runs; jax's preemption sync manager). Must be called at every step."""
+    return self.manager.reached_preemption(int(step))
+
   def save(self, state, data_position, *, force=False):
-    step = int(jax.device_get(state.step))
+    """Saves when the manager's policy says so (interval, preemption) or `force`; call it
+    at every step. Returns whether a save started."""
+    step = int(data_position['step']) if 'step' in data_position else int(
+        jax.device_get(state.step))
     if step in self.manager.all_steps():
       return False
     return self.manager.save(
@@ -80,15 +110,15 @@ class Checkpoints:
                      'If the model or config changed, use a new workdir.')
 
   def _set_aside(self, steps):
-    aside = self.directory + '.corrupt'
+    aside = self.directory.parent / f'{self.directory.name}.corrupt'
     if jax.process_index() == 0:
-      os.makedirs(aside, exist_ok=True)
+      aside.mkdir(parents=True, exist_ok=True)
       for step in steps:
-        dst = os.path.join(aside, str(step))
+        dst = aside / str(step)
         n = 1
-        while os.path.exists(dst):
-          dst, n = os.path.join(aside, f'{step}_{n}'), n + 1
-        os.replace(os.path.join(self.directory, str(step)), dst)
+        while dst.exists():
+          dst, n = aside / f'{step}_{n}', n + 1
+        paths.move(self.directory / str(step), dst)
         logging.warning('Moved the unreadable checkpoint step %d to %s.', step, dst)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('checkpoints_set_aside')
@@ -123,17 +153,16 @@ def check_data_position(position, config):
 
 def _find_state_dir(path):
   """Accepts a workdir, its checkpoints/ folder, one <step>/ folder or a pytree folder."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'config.init_from={path!r} does not exist')
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    path = os.path.join(path, 'checkpoints')
-  steps = [int(d) for d in os.listdir(path)
-           if d.isdigit() and os.path.isdir(os.path.join(path, d))]
+  path = paths.path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'config.init_from={os.fspath(path)!r} does not exist')
+  if (path / 'checkpoints').is_dir():
+    path = path / 'checkpoints'
+  steps = [int(d.name) for d in path.iterdir() if d.name.isdigit() and d.is_dir()]
   if steps:
-    path = os.path.join(path, str(max(steps)))
-  if os.path.isdir(os.path.join(path, 'state')):
-    path = os.path.join(path, 'state')
+    path = path / str(max(steps))
+  if (path / 'state').is_dir():
+    path = path / 'state'
   return path
 
 

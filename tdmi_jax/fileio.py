@@ -4,12 +4,14 @@ import json
 import math
 import os
 
+from tdmi_jax import paths
+
 
 def load_json(path, error=ValueError):
   """The parsed JSON of `path`; a missing, unreadable or malformed file raises `error`
   (a ValueError subclass of the caller's module) with a message naming the file."""
   try:
-    with open(path, 'rb') as f:
+    with paths.path(path).open('rb') as f:
       return json.load(f)
   except FileNotFoundError:
     raise error(f'{path}: file not found') from None
@@ -40,7 +42,4 @@ def write_json(path, obj, *, indent=2, sort_keys=False, nan_as_null=True):
   `nan_as_null=False` (large files whose writer has already checked its numbers)."""
   if nan_as_null:
     obj = _finite_or_none(obj)
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=indent, sort_keys=sort_keys)
-  os.replace(tmp, path)
+  paths.write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys))

@@ -4,10 +4,18 @@ One mesh axis, 'data': the batch is split along it and everything else (paramete
 BatchNorm statistics, optimizer state) is replicated. This works unchanged for one CPU,
 several simulated CPU devices, a GPU box and a multi-host TPU pod: each process only ever
 holds the rows of the global batch that belong to its own devices.
+
+Multi-process runs: `maybe_initialize_distributed` starts them, `sync(name)` is a barrier
+that every process reaches under the same name, and `abort(error)` ends all of them when
+one fails, so that none waits forever in a collective.
 """
 
+import atexit
 import os
+import sys
+import threading
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -16,19 +24,155 @@ import numpy as np
 DATA_AXIS = 'data'
 
 
-def maybe_initialize_distributed(requested=False):
+# --- Multi-process start, barriers and failure ---------------------------------------
+
+# The environment a by-hand multi-host launch sets on every process (README).
+ENV_COORDINATOR = 'JAX_COORDINATOR_ADDRESS'
+ENV_NUM_PROCESSES = 'JAX_NUM_PROCESSES'
+ENV_PROCESS_ID = 'JAX_PROCESS_ID'
+_FAILURE_KEY = 'tdmi_jax/failure'
+
+
+def _int_env(environ, name):
+  try:
+    return int(environ[name])
+  except ValueError:
+    raise ValueError(f'{name}={environ[name]!r} is not an integer') from None
+
+
+def _cluster_detected(environ, on_cloud_tpu):
+  """A launcher that JAX discovers by itself started this process as one of several."""
+  def count(name):
+    try:
+      return int(environ.get(name, '1'))
+    except ValueError:
+      return 1
+  slurm = 'SLURM_JOB_ID' in environ and 'SLURM_PROCID' in environ and count('SLURM_NTASKS') > 1
+  mpi = count('OMPI_COMM_WORLD_SIZE') > 1
+  # On a Cloud TPU VM JAX reads the slice's workers from the metadata server (one host:
+  # a single process, which initialize() handles too).
+  return slurm or mpi or on_cloud_tpu
+
+
+def distributed_arguments(requested, environ, on_cloud_tpu=False):
+  """None (single process) or the keyword arguments of jax.distributed.initialize()."""
+  by_hand = [n for n in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID) if n in environ]
+  flag = environ.get('TDMI_DISTRIBUTED', '').lower() in ('1', 'true', 'yes')
+  if not (requested or flag or by_hand or _cluster_detected(environ, on_cloud_tpu)):
+    return None
+  kwargs = {}
+  if ENV_COORDINATOR in environ:
+    kwargs['coordinator_address'] = environ[ENV_COORDINATOR]
+  if ENV_NUM_PROCESSES in environ:
+    kwargs['num_processes'] = _int_env(environ, ENV_NUM_PROCESSES)
+  if ENV_PROCESS_ID in environ:
+    kwargs['process_id'] = _int_env(environ, ENV_PROCESS_ID)
+  return kwargs
+
+
+def maybe_initialize_distributed(requested=False, environ=None):
   """Calls jax.distributed.initialize() when asked to by the config or the environment.
 
-  On Cloud TPU and under SLURM/Open MPI, JAX discovers the coordinator by itself; elsewhere
-  set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (read by JAX).
-  Returns True when it initialised.
+  By hand: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (jax itself
+  reads only the first); on Cloud TPU VMs, under SLURM and Open MPI JAX discovers them.
+  Then starts the failure watchdog (`abort`). Returns True when it initialised.
   """
-  env = os.environ.get('TDMI_DISTRIBUTED', '').lower() in ('1', 'true', 'yes')
-  env = env or 'JAX_COORDINATOR_ADDRESS' in os.environ
-  if not (requested or env):
+  environ = os.environ if environ is None else environ
+  kwargs = distributed_arguments(requested, environ, _on_cloud_tpu())
+  if kwargs is None:
     return False
-  jax.distributed.initialize()
+  try:
+    jax.distributed.initialize(**kwargs)
+  except ValueError as e:
+    raise ValueError(
+        f'jax.distributed.initialize({kwargs}) failed: {e} Outside Cloud TPU, SLURM and '
+        f'Open MPI set all three of {ENV_COORDINATOR}=HOST:PORT (process 0), '
+        f'{ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}.') from None
+  _Watchdog.start()
   return True
+
+
+def _on_cloud_tpu():
+  try:
+    from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
+    return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
+  except (ImportError, AttributeError):
+    return False
+
+
+def _client():
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return distributed.global_state.client
+
+
+class _Watchdog:
+  """Ends this process when another one reports a failure (see `abort`).
+
+  Without it, the survivors of a failed process wait forever in the next collective or
+  barrier. A daemon thread polls the coordination service's key-value store; the blocking
+  get releases the GIL, so training is not slowed.
+  """
+  _thread = None
+  _stop = None
+
+  @classmethod
+  def start(cls):
+    if cls._thread is not None or _client() is None:
+      return
+    cls._stop = threading.Event()
+    cls._thread = threading.Thread(target=cls._run, name='tdmi-failure-watchdog',
+                                   daemon=True)
+    cls._thread.start()
+    # Before jax's own atexit shutdown: a thread blocked in the client during its
+    # shutdown aborts the process.
+    atexit.register(cls.stop)
+
+  @classmethod
+  def _run(cls):
+    client = _client()
+    while not cls._stop.is_set():
+      try:
+        message = client.blocking_key_value_get(_FAILURE_KEY, 1000)
+      except Exception:  # pylint: disable=broad-except  (a timeout: nothing reported)
+        continue
+      if cls._stop.is_set():
+        return
+      _exit_now(f'ERROR: {message}; process {jax.process_index()} stops too.', 1)
+
+  @classmethod
+  def stop(cls):
+    if cls._thread is not None:
+      cls._stop.set()
+      cls._thread.join(timeout=5)
+      cls._thread = None
+
+
+def _exit_now(line, code):
+  print(line, file=sys.stderr, flush=True)
+  logging.error(line)
+  logging.get_absl_handler().flush()
+  sys.stdout.flush()
+  os._exit(code)  # pylint: disable=protected-access  (skips the shutdown barrier)
+
+
+def abort(error, code=1):
+  """Stops this process and, in a multi-process run, every other one, naming `error`.
+
+  A process that failed must not reach jax's exit barrier (the others never will), and the
+  others must learn why: the message goes to the coordination service, where their
+  watchdogs read it. With one process this is a plain sys.exit(code).
+  """
+  text = error if isinstance(error, str) else f'{type(error).__name__}: {error}'
+  client = _client() if jax.process_count() > 1 else None
+  if client is None:
+    print(f'ERROR: {text}', file=sys.stderr)
+    sys.exit(code)
+  _Watchdog.stop()
+  try:
+    client.key_value_set(_FAILURE_KEY, f'process {jax.process_index()} failed: {text}')
+  except Exception:  # pylint: disable=broad-except  (another process reported first)
+    pass
+  _exit_now(f'ERROR: {text}', code)
 
 
 def make_mesh(devices=None):
@@ -141,3 +285,26 @@ def local_rows(x):
       seen.add(start)
       rows.append(np.asarray(s.data))
   return np.concatenate(rows, axis=0)
+
+
+def setup_compilation_cache(cache_dir):
+  """Turns on JAX's persistent compilation cache in `cache_dir` (local or `gs://`), so a
+  restarted or resumed run loads its compiled steps instead of compiling them again.
+
+  JAX_COMPILATION_CACHE_DIR, when set, wins (a cache chosen per machine); '' turns it off;
+  a folder that cannot be written turns it off with a warning. Returns the folder in use
+  (None when off). Call it before the first compilation.
+  """
+  from tdmi_jax import paths  # pylint: disable=g-import-not-at-top
+  if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    return os.environ['JAX_COMPILATION_CACHE_DIR']
+  if not cache_dir:
+    return None
+  cache_dir = paths.path(cache_dir)
+  if not paths.writable_dir(cache_dir):
+    logging.warning('The compilation cache %s cannot be written: compiling without a '
+                    'persistent cache (set config.compilation_cache_dir).', cache_dir)
+    return None
+  jax.config.update('jax_compilation_cache_dir', os.fspath(cache_dir))
+  logging.info('Persistent compilation cache: %s', cache_dir)
+  return os.fspath(cache_dir)

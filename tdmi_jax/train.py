@@ -3,13 +3,16 @@
 One linear function, in sections: workdir and data, model and state, resume, the loop
 (progress bar, logs, periodic eval, checkpoints, signals, NaN guard), the end.
 
+The workdir (and config.data's folders) may be local or on an object store (`gs://`):
+every path goes through etils.epath (tdmi_jax/paths.py).
+
 Workdir layout:
   config.json          the resolved config, written at the first start (process 0).
   metrics.jsonl        one JSON object per log/eval event: {"step", "split", metrics...}.
   tb/                  TensorBoard event files (tensorboardX).
   checkpoints/<step>/  orbax: the train state and the data position.
   checkpoints.corrupt/ checkpoints that failed to restore, set aside on resume.
-  .lock                held (flock) by the run using the workdir; names its PID.
+  .lock                held (flock; a lease on object stores) by the run using the workdir.
   data/                the synthetic dataset and its TFDS build (configs/synthetic.py only).
 """
 
@@ -31,6 +34,7 @@ import tqdm
 from tdmi_jax import checkpointing
 from tdmi_jax import fileio
 from tdmi_jax import optim
+from tdmi_jax import paths
 from tdmi_jax import sharding
 from tdmi_jax import state as state_lib
 from tdmi_jax import train_step as train_step_lib
@@ -54,14 +58,23 @@ class ConfigError(ValueError):
 
 
 class _StopRequest:
-  """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
+  """One process: SIGTERM/SIGINT set a flag; the loop checkpoints at the next step
+  boundary and exits.
 
-  def __init__(self):
+  Several processes: SIGTERM belongs to jax's preemption notifier (installed by
+  jax.distributed.initialize), through which every process stops at the same step
+  (`Checkpoints.reached_preemption`); a Ctrl-C here is forwarded to it as a SIGTERM, since
+  a local flag would stop this process alone and leave the others in a collective.
+  """
+
+  def __init__(self, multiprocess=False):
     self.signum = None
+    self.multiprocess = multiprocess
     self._previous = {}
 
   def __enter__(self):
-    for s in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGINT,) if self.multiprocess else (signal.SIGTERM, signal.SIGINT)
+    for s in signals:
       self._previous[s] = signal.signal(s, self._handle)
     return self
 
@@ -70,6 +83,13 @@ class _StopRequest:
     if self.signum is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt  # A second Ctrl-C means now.
     self.signum = signum
+    if self.multiprocess:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  @property
+  def local_stop(self):
+    """A signal this process acts on alone (single-process runs)."""
+    return self.signum is not None and not self.multiprocess
 
   def __exit__(self, *exc):
     for s, handler in self._previous.items():
@@ -86,10 +106,10 @@ class _QuietLibraries(std_logging.Filter):
 def _rewind_metrics(path, step):
   """Drops the rows after `step` (and a torn last line): a run killed after its last
   checkpoint logged steps that the resumed run repeats."""
-  if not os.path.exists(path):
+  path = paths.path(path)
+  if not path.exists():
     return
-  with open(path) as f:
-    lines = f.readlines()
+  lines = path.read_text().splitlines(keepends=True)
   keep = []
   for line in lines:
     try:
@@ -100,10 +120,42 @@ def _rewind_metrics(path, step):
   if len(keep) != len(lines):
     logging.warning('%s: dropping %d rows logged after step %d (the resumed checkpoint).',
                     path, len(lines) - len(keep), step)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(keep)
-    os.replace(tmp, path)
+    paths.write_text(path, ''.join(keep))
+
+
+class _ObjectRecordWriter:
+  """A TensorBoard event file on an object store, which cannot append: the whole file is
+  uploaded again at each flush (a run's scalars are small)."""
+
+  def __init__(self, path):
+    self.path = paths.path(path)
+    self.data = bytearray()
+
+  def write(self, data):
+    self.data += data
+
+  def flush(self):
+    self.path.write_bytes(bytes(self.data))
+
+  def close(self):
+    self.flush()
+
+
+class _ObjectRecordWriterFactory:
+
+  def open(self, path):
+    return _ObjectRecordWriter(path)
+
+  def directory_check(self, path):
+    del path  # Object stores have no folders to create.
+
+
+def _summary_writer(logdir, purge_step):
+  """tensorboardX's writer; on an object store its event file goes through epath."""
+  if paths.is_uri(logdir):
+    from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+    record_writer.register_writer_factory(paths.scheme(logdir), _ObjectRecordWriterFactory())
+  return tensorboardX.SummaryWriter(os.fspath(logdir), purge_step=purge_step)
 
 
 class _Log:
@@ -112,29 +164,39 @@ class _Log:
   def __init__(self, workdir, rewind_to=None):
     self.on = sharding.is_writer()
     if self.on:
-      path = os.path.join(workdir, 'metrics.jsonl')
+      self.path = paths.path(workdir) / 'metrics.jsonl'
       if rewind_to is not None:
-        _rewind_metrics(path, rewind_to)
-      self.jsonl = open(path, 'a')
+        _rewind_metrics(self.path, rewind_to)
+      # Object stores cannot append: the file is kept here and uploaded whole per write.
+      self.text = None
+      if paths.is_uri(self.path):
+        self.text = self.path.read_text() if self.path.exists() else ''
+        self.jsonl = None
+      else:
+        self.jsonl = open(self.path, 'a')
       # purge_step hides TensorBoard events of the steps that the resumed run repeats.
-      self.tb = tensorboardX.SummaryWriter(
-          os.path.join(workdir, 'tb'),
-          purge_step=None if rewind_to is None else rewind_to + 1)
+      self.tb = _summary_writer(paths.path(workdir) / 'tb',
+                                None if rewind_to is None else rewind_to + 1)
 
   def write(self, step, split, metrics):
     if not self.on:
       return
     row = {'step': int(step), 'split': split}
     row.update({k: float(v) for k, v in metrics.items()})
-    self.jsonl.write(json.dumps(row) + '\n')
-    self.jsonl.flush()
+    if self.jsonl is None:
+      self.text += json.dumps(row) + '\n'
+      paths.write_text(self.path, self.text)
+    else:
+      self.jsonl.write(json.dumps(row) + '\n')
+      self.jsonl.flush()
     for k, v in metrics.items():
       self.tb.add_scalar(f'{split}/{k}', float(v), int(step))
     self.tb.flush()
 
   def close(self):
     if self.on:
-      self.jsonl.close()
+      if self.jsonl is not None:
+        self.jsonl.close()
       self.tb.close()
 
 
@@ -169,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mode='tr
   Returns the last metrics: {'train': {...}, 'eval': {...}} (whichever ran). Holds the
   workdir lock throughout: a second run on the same workdir raises WorkdirInUseError.
   """
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = paths.path(workdir)
   # Bad flags and config values are reported before any work (dataset synthesis, TFDS
   # build, the workdir lock) starts.
   if mode not in MODES:
@@ -186,8 +248,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mode='tr
 
 
 def _check_workdir(workdir):
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  if workdir.exists() and not workdir.is_dir():
     raise ConfigError(f'--workdir={workdir} is an existing file, not a directory')
+  if paths.is_uri(workdir):
+    workdir.mkdir(parents=True, exist_ok=True)  # Object stores: no local permission bits.
+    return
   try:
     os.makedirs(workdir, exist_ok=True)
     if sharding.is_writer():  # os.access is no proof (root, read-only mounts): write.
@@ -202,6 +267,7 @@ def _train_and_evaluate(config, workdir, mode, mesh):
   # --- Workdir, config, data --------------------------------------------------------
   std_logging.getLogger('absl').addFilter(_QuietLibraries())
   config = config.copy_and_resolve_references()
+  sharding.setup_compilation_cache(config.compilation_cache_dir)
   input_pipeline.prepare_data(config, workdir)
   train_data = None
   if mode != 'eval':
@@ -222,7 +288,7 @@ def _train_and_evaluate(config, workdir, mode, mesh):
                num_steps, steps_per_epoch)
 
   # --- Resume -------------------------------------------------------------------------
-  ckpts = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'), config.checkpoint)
+  ckpts = checkpointing.Checkpoints(workdir / 'checkpoints', config.checkpoint)
   start_step = 0
   if ckpts.latest_step() is not None:
     state, position = ckpts.restore_latest_good(state)
@@ -231,8 +297,8 @@ def _train_and_evaluate(config, workdir, mode, mesh):
   elif mode == 'eval' and not config.init_from:
     raise FileNotFoundError(f'--mode=eval: no checkpoint under {ckpts.directory} and no '
                             'config.init_from to evaluate.')
-  if sharding.is_writer() and not os.path.exists(os.path.join(workdir, 'config.json')):
-    fileio.write_json(os.path.join(workdir, 'config.json'),
+  if sharding.is_writer() and not (workdir / 'config.json').exists():
+    fileio.write_json(workdir / 'config.json',
                       json.loads(config.to_json_best_effort()), sort_keys=True)
 
   eval_step = train_step_lib.make_eval_step(model=model, mesh=mesh)
@@ -256,7 +322,7 @@ def _train_and_evaluate(config, workdir, mode, mesh):
                     disable=not sharding.is_writer())
     acc, acc_n, t_log = {}, 0, time.perf_counter()
     step = start_step
-    with _StopRequest() as stop:
+    with _StopRequest(multiprocess=jax.process_count() > 1) as stop:
       while step < num_steps:
         batch = sharding.shard_batch(next(batches), mesh, train_step_lib.TRAIN_KEYS)
         state, metrics = train_step(state, batch)
@@ -290,14 +356,17 @@ def _train_and_evaluate(config, workdir, mode, mesh):
           bar.write(f'eval @ {step}: ' + ', '.join(
               f'{k}={v:.4g}' for k, v in results['eval'].items()))
           t_log = time.perf_counter()
-        if step % config.checkpoint.every_steps == 0 or step == num_steps:
-          ckpts.save(state, checkpointing.data_position(step, config))
-        if stop.signum is not None:
-          ckpts.save(state, checkpointing.data_position(step, config))
+        # The manager decides (every config.checkpoint.every_steps steps, and the step at
+        # which every process reaches the preemption sync point); the last step always.
+        position = checkpointing.data_position(step, config)
+        ckpts.save(state, position, force=step == num_steps)
+        preempted = ckpts.reached_preemption(step)
+        if preempted or stop.local_stop:
+          ckpts.save(state, position, force=True)  # No-op if saved just above.
           ckpts.wait()
-          bar.write(f'Signal {stop.signum}: checkpoint written at step {step}; exiting.')
-          logging.warning('Stopped by signal %d at step %d (checkpoint written).',
-                          stop.signum, step)
+          why = 'Preemption (SIGTERM to a process)' if preempted else f'Signal {stop.signum}'
+          bar.write(f'{why}: checkpoint written at step {step}; exiting.')
+          logging.warning('%s: stopped at step %d (checkpoint written).', why, step)
           results['stopped_at'] = step
           return results
     bar.close()

@@ -13,7 +13,10 @@ Entry points (batch layout: CONTRACTS.md "Data"):
   name: 'synthetic' | 'posetrack17' | 'posetrack18' | 'posetrack21' (TFDS builder config).
   manual_dir: the download (or synthetic output) root; data_dir: TFDS data dir ('' = TFDS
     default). The built data is keyed by a hash of manual_dir and the ingestion fields below,
-    so two downloads never share a build.
+    so two downloads never share a build. Both may be local or `gs://` (etils.epath):
+    images and annotations are then read from the bucket; array_record files can only be
+    read from local disk, so a `gs://` data_dir holds the published build, which every host
+    copies once into its local cache (`local_build_dir`).
   image_size / heatmap_size (H, W), sigma, window (supporting offsets), aspect_ratio,
     box_enlarge: SPEC §7 crops and SPEC §6 targets.
   det_boxes, det_score_thresh, use_gt_boxes_for_val: which boxes val crops come from.
@@ -33,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import threading
 
 from absl import logging
@@ -41,6 +45,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from tdmi_jax import paths
 from tdmi_jax import sharding
 from tdmi_jax.data import parsers
 from tdmi_jax.data import records
@@ -66,71 +71,120 @@ def builder_config(data_cfg):
     if data_cfg[field] not in allowed:
       raise ValueError(f'config.data.{field}={data_cfg[field]!r}; allowed: {allowed}')
   kind = _KIND[data_cfg.name]
-  manual_dir = os.path.abspath(os.path.expanduser(data_cfg.manual_dir))
-  det = data_cfg.det_boxes
-  key = '|'.join([manual_dir, os.path.abspath(det) if det else '', data_cfg.on_bad_input,
-                  data_cfg.missing_support_frame])
+  manual_dir = os.fspath(paths.path(data_cfg.manual_dir))
+  det = os.fspath(paths.path(data_cfg.det_boxes)) if data_cfg.det_boxes else ''
+  key = '|'.join([manual_dir, det, data_cfg.on_bad_input, data_cfg.missing_support_frame])
   digest = hashlib.sha1(key.encode()).hexdigest()[:10]
   return records.PosetrackConfig(
-      name=f'{kind}_{digest}', kind=kind, det_boxes=os.path.abspath(det) if det else '',
+      name=f'{kind}_{digest}', kind=kind, det_boxes=det,
       on_bad_input=data_cfg.on_bad_input, missing_support_frame=data_cfg.missing_support_frame,
       description=f'{kind} from {manual_dir}')
 
 
+def local_build_dir(data_dir):
+  """This host's copy of the build published under a `gs://` data_dir (array_record
+  reads local files only): `$XDG_CACHE_HOME/tdmi_jax/tfds/<hash of data_dir>`."""
+  cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  digest = hashlib.sha1(os.fspath(data_dir).encode()).hexdigest()[:12]
+  return os.path.join(cache, 'tdmi_jax', 'tfds', digest)
+
+
 def get_builder(data_cfg):
-  """The builder, with its array_record files built from manual_dir if not yet there."""
-  if not os.path.isdir(os.path.expanduser(data_cfg.manual_dir or '')):
+  """The builder, with its array_record files built from manual_dir if not yet there.
+
+  With several processes every one calls this: process 0 builds first (hosts sharing a
+  data_dir must not race), the others then find the build (or make their own copy).
+  """
+  if not data_cfg.manual_dir or not paths.path(data_cfg.manual_dir).is_dir():
     builder_config(data_cfg)  # raises the empty-field error first
     raise FileNotFoundError(f'config.data.manual_dir={data_cfg.manual_dir!r} does not exist')
-  builder = records.Builder(config=builder_config(data_cfg), data_dir=data_cfg.data_dir or None)
-  prepare = lambda: builder.download_and_prepare(
-      file_format='array_record',
-      download_config=tfds.download.DownloadConfig(
-          manual_dir=os.path.abspath(os.path.expanduser(data_cfg.manual_dir))))
-  if jax.process_count() > 1:
-    # Process 0 builds first so that hosts sharing a data_dir do not race; the others then
-    # find it built (or build their own local copy).
-    if jax.process_index() == 0:
-      prepare()
-    sharding.sync(f'posetrack build {builder.builder_config.name}')
-    if jax.process_index() != 0:
-      prepare()
+  config = builder_config(data_cfg)
+  remote = data_cfg.data_dir if paths.is_uri(data_cfg.data_dir) else None
+  if remote:
+    data_dir = local_build_dir(remote)
   else:
+    data_dir = os.fspath(paths.path(data_cfg.data_dir)) if data_cfg.data_dir else None
+  download_config = tfds.download.DownloadConfig(
+      manual_dir=os.fspath(paths.path(data_cfg.manual_dir)))
+
+  def prepare():
+    builder = records.Builder(config=config, data_dir=data_dir)
+    build = lambda: builder.download_and_prepare(file_format='array_record',
+                                                 download_config=download_config)
+    if remote:
+      _sync_published_build(builder, data_dir, remote, build)
+    else:
+      build()
+
+  if jax.process_count() > 1 and jax.process_index() == 0:
     prepare()
-  return builder
+  sharding.sync('tdmi_jax: dataset built')
+  if jax.process_count() == 1 or jax.process_index() != 0:
+    prepare()
+  # A fresh builder: one made before a download does not see the downloaded files.
+  return records.Builder(config=config, data_dir=data_dir)
+
+
+_BUILD_MARKER = 'dataset_info.json'  # TFDS writes it last; it is published last too.
+
+
+def _sync_published_build(builder, local_root, remote_root, build):
+  """Makes `builder.data_dir` (under local_root) hold the build published under
+  remote_root: copies it here, or builds it here and publishes it. Returns which."""
+  rel = os.path.relpath(builder.data_dir, local_root)
+  local, remote = paths.path(builder.data_dir), paths.path(remote_root) / rel
+  if (local / _BUILD_MARKER).exists():
+    return 'cached'
+  if (remote / _BUILD_MARKER).exists():
+    # Processes of one host share the cache: each copies into its own folder, and the
+    # first to finish renames it into place.
+    tmp = local.parent / f'{local.name}.download-{os.getpid()}'
+    paths.copy_tree(remote, tmp)
+    try:
+      os.rename(tmp, local)
+    except OSError:
+      shutil.rmtree(tmp)
+    logging.info('Copied the dataset build %s to %s.', remote, local)
+    return 'copied'
+  build()
+  files = sorted((f for f in local.rglob('*') if not f.is_dir()),
+                 key=lambda f: f.name == _BUILD_MARKER)
+  for f in files:
+    paths.copy_file(f, remote / os.fspath(f)[len(os.fspath(local)):].lstrip('/'))
+  logging.info('Published the dataset build %s to %s.', local, remote)
+  return 'built'
 
 
 def prepare_data(config, workdir):
   """Fills in config.data's paths; synthesises the synthetic dataset on first use.
 
   Real PoseTrack data is never downloaded: a missing manual_dir is an error that carries
-  the download instructions. With several processes, one builds the TFDS files (a shared
-  filesystem is assumed) while the rest wait.
+  the download instructions. With several processes, every one must call this (it holds
+  barriers); process 0 writes, the others read.
   """
   d = config.data
+  workdir = paths.path(workdir)
   if d.name == 'synthetic':
     if not d.manual_dir:
-      d.manual_dir = os.path.join(workdir, 'data', 'synthetic')
+      d.manual_dir = os.fspath(workdir / 'data' / 'synthetic')
     if not d.data_dir:
-      d.data_dir = os.path.join(workdir, 'data', 'tfds')
-    if not os.path.isdir(os.path.join(d.manual_dir, 'annotations')):
+      d.data_dir = os.fspath(workdir / 'data' / 'tfds')
+    # Process 0 alone looks and writes; every process reaches the barrier (which of them
+    # would see the folder depends on how far process 0 has got).
+    if sharding.is_writer() and not (paths.path(d.manual_dir) / 'annotations').is_dir():
       # Imported here: the generator (and its renderer) is only needed on first use.
       from tdmi_jax.data import synthesize  # pylint: disable=g-import-not-at-top
-      if sharding.is_writer():
-        logging.info('Synthesising the dataset into %s (first use).', d.manual_dir)
-        summary = synthesize.generate(d.manual_dir, overwrite=True,
-                                      **config.synthetic.to_dict())
-        logging.info('Synthetic dataset: %s', json.dumps(summary))
-      sharding.sync('synthesize')
-  elif not d.manual_dir or not os.path.isdir(os.path.expanduser(d.manual_dir)):
+      logging.info('Synthesising the dataset into %s (first use).', d.manual_dir)
+      summary = synthesize.generate(d.manual_dir, overwrite=True, **config.synthetic.to_dict())
+      logging.info('Synthetic dataset: %s', json.dumps(summary))
+    sharding.sync('tdmi_jax: synthetic dataset')
+  elif not d.manual_dir or not paths.path(d.manual_dir).is_dir():
     raise FileNotFoundError(
         f'config.data.manual_dir={d.manual_dir!r} ({d.name}) does not exist. PoseTrack '
         'cannot be downloaded automatically; set --config.data.manual_dir=DIR after '
         f'downloading it:\n{records.MANUAL_DOWNLOAD_INSTRUCTIONS}')
   if jax.process_count() > 1:
-    if sharding.is_writer():
-      get_builder(d)
-    sharding.sync('tfds_build')
+    get_builder(d)  # Every process: get_builder orders the build and has the barrier.
 
 
 def load_records(data_cfg, split):
@@ -154,7 +208,7 @@ def load_records(data_cfg, split):
 
 def val_gt_dir(data_cfg):
   """Absolute path of the per-video val GT JSON folder (what the prediction writer mirrors)."""
-  manual_dir = os.path.abspath(os.path.expanduser(data_cfg.manual_dir))
+  manual_dir = os.fspath(paths.path(data_cfg.manual_dir))
   src = parsers.find_split(manual_dir, _KIND[data_cfg.name], 'val')
   if src is None or not src.gt_dir:
     raise BadInputError(f'{manual_dir}: no per-video val GT folder (annotations/val, '
@@ -168,7 +222,7 @@ def val_gt_dir(data_cfg):
 def _load_crop(path, m, out_wh, draft=True, expect_wh=None):
   """Decodes `path` (JPEG draft mode when the crop downsamples) and warps it to out_wh."""
   try:
-    with Image.open(path) as im:
+    with paths.path(path).open('rb') as f, Image.open(f) as im:
       w, h = im.size
       if expect_wh is not None and (w, h) != tuple(expect_wh):
         raise BadInputError(f'{path}: image is {w}x{h} but its annotation says '
@@ -273,7 +327,7 @@ class TrainData:
     self.global_batch_size = int(global_batch_size)
     self.offset, self.local_batch_size = _process_slice(
         self.global_batch_size, process_index, process_count, device_count)
-    self.manual_dir = os.path.abspath(os.path.expanduser(data_cfg.manual_dir))
+    self.manual_dir = os.fspath(paths.path(data_cfg.manual_dir))
     self.records = load_records(data_cfg, split) if records is None else records
     # Persons worth a training example: a positive-area box and an annotated joint.
     self.index = [(r, p) for r, rec in enumerate(self.records)
@@ -356,7 +410,7 @@ class EvalData:
     self.global_batch_size = int(global_batch_size)
     self.offset, self.local_batch_size = _process_slice(
         self.global_batch_size, process_index, process_count, device_count)
-    self.manual_dir = os.path.abspath(os.path.expanduser(data_cfg.manual_dir))
+    self.manual_dir = os.fspath(paths.path(data_cfg.manual_dir))
     self.records = load_records(data_cfg, split) if records is None else records
     self.items = []  # (record index, box [4], score, person index or -1)
     use_gt = data_cfg.use_gt_boxes_for_val

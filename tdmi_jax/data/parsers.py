@@ -24,6 +24,7 @@ import numpy as np
 
 from tdmi_jax import fileio
 from tdmi_jax import keypoints
+from tdmi_jax import paths
 
 NUM_JOINTS = keypoints.NUM_JOINTS
 
@@ -272,16 +273,16 @@ class SplitSource:
 def find_split(manual_dir, config_name, split):
   """Locates a split's annotation files in either layout; None if the split is absent."""
   tag = YEAR_TAG[config_name]
+  root = paths.path(manual_dir)
   for sub in (f'annotations/{split}', f'posetrack_data/{split}'):
-    d = os.path.join(manual_dir, sub)
-    if os.path.isdir(d):
-      files = sorted(f for f in os.listdir(d) if f.endswith('.json'))
+    d = root / sub
+    if d.is_dir():
+      files = sorted(f.name for f in d.iterdir() if f.name.endswith('.json'))
       return SplitSource('official', [f'{sub}/{f}' for f in files], sub)
   merged = f'posetrack{tag}_json_files/posetrack_{split}.json'
-  if os.path.isfile(os.path.join(manual_dir, merged)):
+  if (root / merged).is_file():
     gt = f'posetrack{tag}_annotation_dirs/{split}'
-    return SplitSource('dcpose', [merged], gt if os.path.isdir(os.path.join(manual_dir, gt))
-                       else '')
+    return SplitSource('dcpose', [merged], gt if (root / gt).is_dir() else '')
   return None
 
 
@@ -290,7 +291,7 @@ def default_box_file(manual_dir, config_name):
   for rel in (f'posetrack{tag}_precomputed_boxes/val_boxes.json',
               'detections/val_boxes_coco.json', 'detections/val_boxes_dcpose.json',
               'detections/val_boxes.json'):
-    if os.path.isfile(os.path.join(manual_dir, rel)):
+    if (paths.path(manual_dir) / rel).is_file():
       return rel
   return ''
 
@@ -317,7 +318,7 @@ def load_split(manual_dir, config_name, split, on_bad_input='error', log=None):
     for v in parsed:
       if src.layout == 'dcpose' and src.gt_dir:
         gt = f'{src.gt_dir}/{v.name}.json'
-        v.gt_file = gt if os.path.isfile(os.path.join(manual_dir, gt)) else ''
+        v.gt_file = gt if (paths.path(manual_dir) / gt).is_file() else ''
       if v.name in videos:  # a merged file may list one video in several places
         videos[v.name].frames = sorted(videos[v.name].frames + v.frames,
                                        key=lambda f: f.frame_index)

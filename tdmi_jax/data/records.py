@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from tdmi_jax import paths
 from tdmi_jax.data import parsers
 
 WINDOW = (-2, -1, 1, 2)  # SPEC §7; the pipeline reads the five files stored per record.
@@ -135,12 +136,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, manual_dir, videos, boxes, log, split):
     cfg = self.builder_config
+    files = _Files(manual_dir)
     for video_index, video in enumerate(videos):
       for frame in video.frames:
         if not frame.is_labeled:
           continue
         try:
-          example = _example(manual_dir, video, video_index, frame, boxes, cfg)
+          example = _example(files, video, video_index, frame, boxes, cfg)
         except parsers.BadInputError as e:
           if cfg.on_bad_input != 'skip':
             raise
@@ -152,13 +154,36 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       logging.warning('posetrack/%s %s: bad input skipped: %s', cfg.kind, split, log)
 
 
-def _example(manual_dir, video, video_index, frame, boxes, cfg):
+class _Files:
+  """Which images exist under manual_dir: a stat per file on a local disk, one listing per
+  folder on an object store (a request per frame would take hours for PoseTrack on GCS)."""
+
+  def __init__(self, manual_dir):
+    self.root = paths.path(manual_dir)
+    self.remote = paths.is_uri(self.root)
+    self._listings = {}
+
+  def path(self, rel):
+    return self.root / rel
+
+  def exists(self, rel):
+    if not self.remote:
+      return os.path.isfile(self.root / rel)
+    folder, name = os.path.split(rel)
+    if folder not in self._listings:
+      d = self.root / folder
+      self._listings[folder] = {p.name for p in d.iterdir()} if d.is_dir() else set()
+    return name in self._listings[folder]
+
+
+def _example(image_files, video, video_index, frame, boxes, cfg):
+  manual_dir = os.fspath(image_files.root)
   files = parsers.window_files(video, frame, WINDOW)
-  if not os.path.isfile(os.path.join(manual_dir, frame.file_name)):
+  if not image_files.exists(frame.file_name):
     raise parsers.BadInputError(
         f'{os.path.join(manual_dir, frame.file_name)}: image of labeled frame not found')
   for i, rel in enumerate(files):
-    if not os.path.isfile(os.path.join(manual_dir, rel)):
+    if not image_files.exists(rel):
       if cfg.missing_support_frame == 'key_frame':
         files[i] = frame.file_name
       else:
@@ -170,7 +195,7 @@ def _example(manual_dir, video, video_index, frame, boxes, cfg):
   if not (h and w):
     path = os.path.join(manual_dir, frame.file_name)
     try:
-      with Image.open(path) as im:
+      with image_files.path(frame.file_name).open('rb') as f, Image.open(f) as im:
         w, h = im.size
     except OSError as e:
       raise parsers.BadInputError(f'{path}: unreadable image ({e})') from None

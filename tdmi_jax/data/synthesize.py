@@ -34,6 +34,7 @@ from PIL import Image
 from PIL import ImageDraw
 
 from tdmi_jax import keypoints
+from tdmi_jax import paths
 from tdmi_jax.data import parsers
 from tdmi_jax.data import render
 
@@ -466,6 +467,21 @@ def generate(out_dir, *, videos=PRESETS['default']['videos'],
     markers: test aid, {joint slot: (r, g, b)}: draws a small disc of that colour at
       that joint of every annotated person (before any blur).
   """
+  if paths.is_uri(out_dir):
+    # An object store (gs://): written to a local folder first, then uploaded.
+    with tempfile.TemporaryDirectory(prefix='tdmi_synth_') as local:
+      summary = generate(local, videos=videos, frames=frames, seed=seed,
+                         val_videos=val_videos, image_size=image_size, overwrite=True,
+                         markers=markers)
+      remote = paths.path(out_dir)
+      for sub in OUTPUT_DIRS:
+        if (remote / sub).exists():
+          if not overwrite:
+            raise FileExistsError(f'{remote / sub} exists (pass overwrite=True)')
+          (remote / sub).rmtree()
+      paths.copy_tree(local, remote)
+    summary['out_dir'] = os.fspath(out_dir)
+    return summary
   start = time.perf_counter()
   out_dir = pathlib.Path(out_dir)
   if val_videos is None:

@@ -17,20 +17,20 @@ is read instead of evaluated again. The tables go to `<workdir>/batch_eval/`:
 """
 
 import csv
+import io
 import json
 import math
-import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
-import orbax.checkpoint as ocp
 import tqdm
 
+from tdmi_jax import checkpointing
 from tdmi_jax import keypoints
+from tdmi_jax import paths
 from tdmi_jax import sharding
 from tdmi_jax import state as state_lib
 from tdmi_jax import train_step as train_step_lib
@@ -46,14 +46,24 @@ class BatchEvalError(ValueError):
   """Bad input to batch evaluation (no checkpoints, unknown step, unreadable results)."""
 
 
+def open_checkpoints(workdir):
+  """The read-only manager of `<workdir>/checkpoints/` (None when there is none)."""
+  ckpt_dir = paths.path(workdir) / 'checkpoints'
+  if not ckpt_dir.is_dir():
+    return None
+  return checkpointing.Checkpoints(ckpt_dir, read_only=True)
+
+
 def available_steps(workdir):
   """Sorted steps of the finished checkpoints under `<workdir>/checkpoints/`."""
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(ckpt_dir):
+  ckpts = open_checkpoints(workdir)
+  if ckpts is None:
     return []
-  # Unfinished orbax saves live in '<step>.orbax-checkpoint-tmp-*' folders: not digits.
-  return sorted(int(d) for d in os.listdir(ckpt_dir)
-                if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d, 'state')))
+  try:
+    # The manager skips unfinished saves ('<step>.orbax-checkpoint-tmp-*').
+    return ckpts.all_steps()
+  finally:
+    ckpts.close()
 
 
 def select_steps(spec, available):
@@ -78,15 +88,14 @@ def select_steps(spec, available):
 
 
 def results_path(workdir, step):
-  return os.path.join(workdir, f'eval_results_{int(step)}.json')
+  return paths.path(workdir) / f'eval_results_{int(step)}.json'
 
 
 def read_row(workdir, step):
   """One table row from `eval_results_<step>.json` (None values, i.e. NaN, become nan)."""
   path = results_path(workdir, step)
   try:
-    with open(path) as f:
-      result = json.load(f)
+    result = json.loads(path.read_text())
     values = [result['per_joint'][n] for n in keypoints.POSEVAL_JOINT_NAMES]
     values += [result['summary'][c] for c in SUMMARY_COLUMNS]
   except FileNotFoundError:
@@ -99,13 +108,12 @@ def read_row(workdir, step):
 
 
 def write_csv(rows, path):
-  tmp = path + '.tmp'
-  with open(tmp, 'w', newline='') as f:
-    out = csv.writer(f)
-    out.writerow(COLUMNS)
-    for r in rows:
-      out.writerow([r['step']] + [repr(r[c]) for c in COLUMNS[1:]])
-  os.replace(tmp, path)
+  text = io.StringIO(newline='')
+  out = csv.writer(text)
+  out.writerow(COLUMNS)
+  for r in rows:
+    out.writerow([r['step']] + [repr(r[c]) for c in COLUMNS[1:]])
+  paths.write_text(path, text.getvalue())
 
 
 def format_markdown(rows):
@@ -138,18 +146,19 @@ def plot(rows, path):
   ax.grid(alpha=0.3)
   ax.legend(ncol=4, fontsize='small')
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=100)
   plt.close(fig)
+  paths.write_bytes(path, png.getvalue())
 
 
 def write_outputs(rows, workdir):
   """map_per_step.csv / .md / map_over_steps.png under <workdir>/batch_eval/."""
-  out_dir = os.path.join(workdir, OUT_DIR)
-  os.makedirs(out_dir, exist_ok=True)
-  write_csv(rows, os.path.join(out_dir, 'map_per_step.csv'))
-  with open(os.path.join(out_dir, 'map_per_step.md'), 'w') as f:
-    f.write(format_markdown(rows))
-  plot(rows, os.path.join(out_dir, 'map_over_steps.png'))
+  out_dir = paths.path(workdir) / OUT_DIR
+  out_dir.mkdir(parents=True, exist_ok=True)
+  write_csv(rows, out_dir / 'map_per_step.csv')
+  paths.write_text(out_dir / 'map_per_step.md', format_markdown(rows))
+  plot(rows, out_dir / 'map_over_steps.png')
   return out_dir
 
 
@@ -174,48 +183,48 @@ def abstract_state(config, mesh):
 
 def map_per_step(config, workdir, steps='all', reuse=False):
   """Evaluates the chosen checkpoints of `workdir`; returns the table rows, sorted by step."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = paths.path(workdir)
   available = available_steps(workdir)
   if not available:
-    raise BatchEvalError(f'No checkpoints under {os.path.join(workdir, "checkpoints")}: '
+    raise BatchEvalError(f'No checkpoints under {workdir / "checkpoints"}: '
                          'is --workdir a training workdir (launch.py --workdir)?')
   chosen = select_steps(steps, available)
-  todo = [s for s in chosen if not (reuse and os.path.exists(results_path(workdir, s)))]
+  todo = [s for s in chosen if not (reuse and results_path(workdir, s).exists())]
   logging.info('Batch eval of steps %s (%s reused).', chosen, sorted(set(chosen) - set(todo)))
 
   config = config.copy_and_resolve_references()
   config.eval.map = True  # The whole point here.
   config.init_from = ''   # Every weight comes from the restored checkpoint.
-  ckptr = eval_step = state = mesh = None
+  ckpts = eval_step = state = mesh = None
   if todo:
+    sharding.setup_compilation_cache(config.compilation_cache_dir)
     input_pipeline.prepare_data(config, workdir)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
     model, state = abstract_state(config, mesh)
     eval_step = train_step_lib.make_eval_step(model=model, mesh=mesh)
-    # Read-only: checkpointing.Checkpoints (a CheckpointManager) would clean up the
-    # unfinished saves of a training run that may still be writing this workdir.
-    ckptr = ocp.StandardCheckpointer()
+    # Read-only: a writing manager would clean up the unfinished saves of a training run
+    # that may still be writing this workdir.
+    ckpts = open_checkpoints(workdir)
   rows = []
   try:
     for step in tqdm.tqdm(chosen, desc='batch eval', unit='ckpt',
                           disable=not sharding.is_writer()):
       if step in todo:
-        path = os.path.join(workdir, 'checkpoints', str(step), 'state')
         try:
-          restored = ckptr.restore(path, state)
+          restored, _ = ckpts.restore(state, step)
         except Exception as e:  # pylint: disable=broad-except
           raise BatchEvalError(
-              f'Cannot restore {path} into the model of '
+              f'Cannot restore {ckpts.directory / str(step) / "state"} into the model of '
               f'this --config ({e}); pass the training run\'s config and overrides '
-              f'(see {os.path.join(workdir, "config.json")}).') from e
+              f'(see {workdir / "config.json"}).') from e
         map_eval.map_evaluation(config, workdir, step,
                                 train_step_lib.make_predict_fn(restored, eval_step, mesh))
         del restored
       rows.append(read_row(workdir, step) if sharding.is_writer() else {'step': step})
   finally:
-    if ckptr is not None:
-      ckptr.close()
+    if ckpts is not None:
+      ckpts.close()
   if sharding.is_writer():
     out_dir = write_outputs(rows, workdir)
     logging.info('Batch eval tables written to %s', out_dir)
@@ -238,13 +247,12 @@ def main(argv):
   sharding.maybe_initialize_distributed(config.distributed)
   try:
     rows = map_per_step(config, _WORKDIR.value, _STEPS.value, _REUSE.value)
-  except (BatchEvalError, FileNotFoundError, ValueError) as e:
+  except (BatchEvalError, FileNotFoundError, ValueError, ImportError) as e:
     logging.exception('Batch eval failed')
-    print(f'ERROR: {e}', file=sys.stderr)
-    sys.exit(1)
+    sharding.abort(str(e))
   if jax.process_index() == 0:
     print(format_markdown(rows), end='')
-    print('Written to', os.path.join(os.path.abspath(_WORKDIR.value), OUT_DIR))
+    print('Written to', paths.path(_WORKDIR.value) / OUT_DIR)
 
 
 if __name__ == '__main__':

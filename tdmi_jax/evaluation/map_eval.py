@@ -8,12 +8,12 @@ file per GT video) and the metric to `<workdir>/eval_results.json` (schema of
 earlier steps stay readable.
 """
 
-import os
 
 import numpy as np
 import tqdm
 
 from tdmi_jax import fileio
+from tdmi_jax import paths
 from tdmi_jax import sharding
 from tdmi_jax.data import input_pipeline
 from tdmi_jax.evaluation import decode
@@ -66,15 +66,15 @@ def subset_results(gt_dir, pred_dir):
   """{'all': result, and 'clean'/'degraded' results where the GT marks degraded frames}."""
   results = {'all': posetrack_map.evaluate_dirs(gt_dir, pred_dir)}
   files = posetrack_map.gt_files(gt_dir)
-  gts = [(os.path.basename(f), fileio.load_json(f, posetrack_map.EvalInputError))
-         for f in files]
+  pred_dir = paths.path(pred_dir)
+  gts = [(f.name, fileio.load_json(f, posetrack_map.EvalInputError)) for f in files]
   marked = any(im.get('degradation', 'none') != 'none'
                for _, data in gts if isinstance(data, dict) for im in data.get('images', []))
   if not marked:
     return results
   preds = {}
   for n, _ in gts:
-    path = os.path.join(pred_dir, n)
+    path = pred_dir / n
     preds[n] = posetrack_map.read_video(fileio.load_json(path, posetrack_map.EvalInputError),
                                         path)
   for name, keep in SUBSETS.items():
@@ -90,15 +90,16 @@ def finalize(predictions, gt_dir, workdir, step):
   Returns {'all': {...}, optionally 'clean'/'degraded'}; `eval_results.json` holds 'all'
   (the CLI schema) plus 'step' and a 'subsets' entry with the others.
   """
-  pred_dir = os.path.join(workdir, 'predictions', str(int(step)))
+  workdir = paths.path(workdir)
+  pred_dir = workdir / 'predictions' / str(int(step))
   writer.write_predictions(predictions, gt_dir, pred_dir)
   results = subset_results(gt_dir, pred_dir)
   out = dict(results['all'])
   out['step'] = int(step)
   if len(results) > 1:
     out['subsets'] = {k: v for k, v in results.items() if k != 'all'}
-  fileio.write_json(os.path.join(workdir, f'eval_results_{int(step)}.json'), out)
-  fileio.write_json(os.path.join(workdir, 'eval_results.json'), out)
+  fileio.write_json(workdir / f'eval_results_{int(step)}.json', out)
+  fileio.write_json(workdir / 'eval_results.json', out)
   return results
 
 
@@ -135,7 +136,7 @@ def map_evaluation(config, workdir, step, predict_fn):
     if config.eval.num_overlays:
       overlay.write_eval_overlays(
           predictions, posetrack_map.gt_files(gt_dir), data_cfg.manual_dir,
-          os.path.join(workdir, 'overlays', str(int(step))), config.eval.num_overlays)
+          paths.path(workdir) / 'overlays' / str(int(step)), config.eval.num_overlays)
     print(f'PoseTrack mAP at step {int(step)} ({results["all"]["num_frames"]} frames):')
     print(posetrack_map.format_table(results['all']))
     for name in ('clean', 'degraded'):

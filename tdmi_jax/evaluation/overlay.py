@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 
 from tdmi_jax import keypoints
+from tdmi_jax import paths
 
 
 def draw(image, people, score_thresh=0.2):
@@ -37,7 +38,7 @@ def write_eval_overlays(predictions, gt_files, image_root, out_dir, count):
   """
   frames = []
   for path in gt_files:
-    with open(path) as f:
+    with paths.path(path).open('r') as f:
       data = json.load(f)
     labeled = {a['image_id'] for a in data.get('annotations', [])}
     frames += [im for im in data.get('images', []) if im['id'] in labeled]
@@ -46,14 +47,18 @@ def write_eval_overlays(predictions, gt_files, image_root, out_dir, count):
   pick = lambda xs, n: [xs[i] for i in np.linspace(0, len(xs) - 1, n).astype(int)] if xs and n else []
   chosen = pick(degraded, min(len(degraded), count // 2))
   chosen += pick(clean, min(len(clean), count - len(chosen)))
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = paths.path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  image_root = paths.path(image_root)
   written = []
   for im in chosen:
-    image = np.asarray(Image.open(os.path.join(image_root, im['file_name'])).convert('RGB'))
+    with (image_root / im['file_name']).open('rb') as f:
+      image = np.asarray(Image.open(f).convert('RGB'))
     people = [dict(p, box_score=1.0) for p in predictions.get(int(im['id']), [])]
     tag = im.get('degradation', 'none')
     name = f"{os.path.splitext(im['file_name'].replace('/', '_'))[0]}_{tag}.png"
     # Every predicted joint, coloured by confidence: weak models stay visible.
-    Image.fromarray(draw(image, people, score_thresh=0.0)).save(os.path.join(out_dir, name))
-    written.append(os.path.join(out_dir, name))
+    with (out_dir / name).open('wb') as f:
+      Image.fromarray(draw(image, people, score_thresh=0.0)).save(f, format='PNG')
+    written.append(out_dir / name)
   return written

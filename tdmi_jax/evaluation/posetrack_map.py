@@ -37,7 +37,6 @@ dot product), so matches exactly at the 0.5 threshold agree bit for bit.
 """
 
 import dataclasses
-import glob
 import numbers
 import os
 
@@ -45,6 +44,7 @@ import numpy as np
 
 from tdmi_jax import fileio
 from tdmi_jax import keypoints
+from tdmi_jax import paths
 
 MIN_SCORE = -9999.0   # poseval's score for a predicted joint without a score.
 MAX_TRACK_ID = 10000  # poseval rejects track ids at or above this.
@@ -607,9 +607,11 @@ def evaluate_videos(pairs):
 
 
 def gt_files(gt_dir):
-  if not os.path.isdir(gt_dir):
+  """The sorted `*.json` files of `gt_dir` (local or a `gs://` URI), as paths."""
+  gt_dir = paths.path(gt_dir)
+  if not gt_dir.is_dir():
     raise EvalInputError(f'{gt_dir}: ground-truth directory does not exist')
-  files = sorted(glob.glob(os.path.join(gt_dir, '*.json')))
+  files = sorted((f for f in gt_dir.iterdir() if f.name.endswith('.json')), key=os.fspath)
   if not files:
     raise EvalInputError(f'{gt_dir}: no *.json ground-truth files')
   return files
@@ -622,10 +624,12 @@ def evaluate_dirs(gt_dir, pred_dir):
   {'summary': {Head..Ankl, Total}, 'per_joint': {15 names}, 'num_frames': N} in percent.
   """
   files = gt_files(gt_dir)
-  if not os.path.isdir(pred_dir):
+  pred_dir = paths.path(pred_dir)
+  if not pred_dir.is_dir():
     raise EvalInputError(f'{pred_dir}: prediction directory does not exist')
-  names = [os.path.basename(f) for f in files]
-  missing = [n for n in names if not os.path.isfile(os.path.join(pred_dir, n))]
+  names = [f.name for f in files]
+  present = {f.name for f in pred_dir.iterdir()}  # One listing, not a request per file.
+  missing = [n for n in names if n not in present]
   for f, n in zip(files, names):
     if n in missing:
       # An unreadable GT file (say, notes saved as *.json) is the problem to report, not
@@ -639,7 +643,7 @@ def evaluate_dirs(gt_dir, pred_dir):
 
   def pairs():
     for f, n in zip(files, names):
-      p = os.path.join(pred_dir, n)
+      p = pred_dir / n
       yield (n, read_video(fileio.load_json(f, EvalInputError), f),
              read_video(fileio.load_json(p, EvalInputError), p))
 

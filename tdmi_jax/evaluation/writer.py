@@ -22,6 +22,7 @@ import numpy as np
 
 from tdmi_jax import fileio
 from tdmi_jax import keypoints
+from tdmi_jax import paths
 from tdmi_jax.data import parsers
 from tdmi_jax.evaluation import posetrack_map
 
@@ -125,7 +126,8 @@ def write_predictions(predictions, gt_dir, out_dir):
   image ids that no GT frame has are not written (and counted in 'unused_images').
   """
   files = posetrack_map.gt_files(gt_dir)
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = paths.path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
   predictions = {int(k): v for k, v in predictions.items()}
   seen = set()
   stats = {'videos': 0, 'frames': 0, 'dummy_frames': 0}
@@ -133,7 +135,7 @@ def write_predictions(predictions, gt_dir, out_dir):
   for path in files:
     frames = gt_frames(fileio.load_json(path, posetrack_map.EvalInputError), path)
     seen.update(int(im['id']) for im in frames)
-    counts = write_video(os.path.join(out_dir, os.path.basename(path)), frames, predictions)
+    counts = write_video(out_dir / path.name, frames, predictions)
     stats['dummy_frames'] += counts['dummy_frames']
     renumbered += counts['renumbered']
     stats['videos'] += 1
