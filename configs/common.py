@@ -109,6 +109,7 @@ def optim_config():
   c.eps = 1e-8
   c.weight_decay = 1e-4          # AdamW only.
   c.decay_epochs = (8, 12, 16)   # Multiply the lr by decay_factor at these epochs.
+  c.decay_steps = ()             # Also decay at these steps (for step-budgeted runs).
   c.decay_factor = 0.1
   c.warmup_epochs = 0.0          # Linear warmup from 0 (fractional epochs allowed).
   c.grad_clip_norm = 0.0         # Global-norm clipping; 0 disables it.
