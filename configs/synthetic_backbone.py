@@ -8,7 +8,7 @@ from configs import synthetic
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, variant='small', steps=3000, videos=96, runlocal=False)
+  arg = common.parse_arg(arg, variant='small', steps=1500, videos=96, runlocal=False)
   config = synthetic.get_config(f'variant={arg.variant}').unlock()
   config.model.arch = 'single_frame'
   config.model.backbone.frozen = False
