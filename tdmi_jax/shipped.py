@@ -24,7 +24,7 @@ WEIGHTS_DIR = pathlib.Path(__file__).resolve().parent / 'weights'
 SHIPPED = {
     'synthetic_small': dict(
         file='synthetic_small.msgpack', variant='small',
-        sha256='d605414ba350ea8c559d89461c82aa0f9f47cdb5a3b322b496adf66b0486b967'),
+        sha256='17d832d7e465eb4ad976e2f86f54171cb43ff7428e012e4de20554afe57120bb'),
 }
 
 
