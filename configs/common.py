@@ -64,7 +64,11 @@ def model_config(variant='hrnet_w48'):
   c.dcn.offset_groups = 0         # 0: variant default (W48 12 as SPEC, W32 8, tiny 2); divides C.
   c.dcn.mask_activation = 'none'   # 'none' (reference) | 'sigmoid'.
   c.rdm_hidden = 128
+  c.rdm_noisy = 'gate'           # 'gate' (reference) | 'complement' (M_n = M_t - M_u).
   c.appearance = 'aligned'       # 'aligned' (FAMI-Pose alignment) | 'key_frame'.
+  c.motion = 'tde'               # 'tde' | 'none' (ablation: no motion in the fusion).
+  c.head_residual = False        # Predict a correction to the backbone's heatmaps.
+  c.useful_head = False          # Heatmaps from M_u alone (mi.objective='variational').
   return c
 
 
@@ -109,6 +113,7 @@ def optim_config():
   c.eps = 1e-8
   c.weight_decay = 1e-4          # AdamW only.
   c.decay_epochs = (8, 12, 16)   # Multiply the lr by decay_factor at these epochs.
+  c.decay_steps = ()             # Also decay at these steps (for step-budgeted runs).
   c.decay_factor = 0.1
   c.warmup_epochs = 0.0          # Linear warmup from 0 (fractional epochs allowed).
   c.grad_clip_norm = 0.0         # Global-norm clipping; 0 disables it.
@@ -128,12 +133,25 @@ def mi_config():
   """`config.mi`: the MI terms of the objective, see tdmi_jax/losses.py (SPEC §6)."""
   c = ml_collections.ConfigDict()
   c.enabled = True               # False: the loss is the heatmap MSE alone.
-  c.divergence = 'kl'            # 'kl' (proper KL(q||p)) | 'reference' (literal surrogate).
+  c.objective = 'reference'      # 'reference' (the seven terms) | 'variational' (losses.py).
+  # 'reference' (literal surrogate, bounded) | 'kl' (proper KL(q||p); with the reference
+  # signs unbounded below: experiments only, logs a warning).
+  c.divergence = 'reference'
   c.estimator = 'divergence'     # 'divergence' | 'club' (vCLUB bound replaces I_un).
   c.alpha = 1.0                  # Weight of L_motion.
   c.beta = 1.0                   # Weight of L_mm (multi-modal).
   c.gamma = 1.0                  # Weight of L_reg (regularisation).
   c.tau = 0.05                   # Temperature of the spatial softmaxes.
+  # 'variational' objective weights: vCLUB I(M_u; M_n) (down), the M_u heatmap head's
+  # MSE (I(M_u; Y) up), InfoNCE I(M_t; M_u) (up). model.useful_head must be True if w_uy > 0.
+  c.w_un = 1.0
+  c.w_uy = 1.0
+  c.w_mu = 0.0
+  c.nce_tau = 0.1
+  # MI warm-up: every MI term is multiplied by 0 before warmup_steps, then ramps to 1
+  # over ramp_steps (the vCLUB critic trains from step 0).
+  c.warmup_steps = 0
+  c.ramp_steps = 0
   c.club = ml_collections.ConfigDict()
   c.club.hidden = 64             # Hidden width of each head of mi.Club.
   c.club.learning_rate = 1e-3    # Adam lr of the CLUB network's own optimizer.

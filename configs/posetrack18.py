@@ -48,6 +48,8 @@ def base_config(dataset, variant):
   config.eval.decode = 'quarter'    # 'quarter' | 'dark' | 'argmax'.
   config.eval.use_gt_boxes = False  # True: GT person boxes instead of detector boxes.
   config.eval.num_overlays = 0      # PNG overlays of val frames under <workdir>/overlays/.
+  # After the final eval, also score the frozen backbone alone on the same boxes.
+  config.eval.compare_backbone = False
   return config
 
 

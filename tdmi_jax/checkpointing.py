@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from tdmi_jax import paths
+from tdmi_jax import shipped
 
 
 class Checkpoints:
@@ -168,7 +169,10 @@ def _find_state_dir(path):
 
 def load_pretrained(path):
   """Raw {'params', 'batch_stats'?} numpy trees of a checkpoint written by this project
-  (a training workdir) or by `tdmi_jax.convert_torch` (a plain pytree)."""
+  (a training workdir) or by `tdmi_jax.convert_torch` (a plain pytree), or shipped weights
+  ('shipped:NAME', see tdmi_jax/shipped.py; hash-checked)."""
+  if str(path).startswith(shipped.PREFIX):
+    return shipped.load(str(path)[len(shipped.PREFIX):])
   state_dir = _find_state_dir(path)
   try:
     raw = ocp.StandardCheckpointer().restore(state_dir)

@@ -18,7 +18,27 @@ Groups (reference signs, kept for both divergences; see SPEC §6 on why they loo
   L = L_H + alpha L_motion + beta L_mm + gamma L_reg.
 With `mi.estimator='club'` the vCLUB bound replaces I_un in L_motion (2 * bound - I_mu);
 I_un is still computed and logged, without gradient.
+
+`mi.objective` selects the family:
+
+* 'reference': the seven terms above (`mi.divergence` 'reference' is bounded below;
+  'kl' is unbounded below with these signs and is only for experiments).
+* 'variational': bounds that mean what they say, on pooled cells of the maps:
+    L = L_H + r(step) * (w_un * max(vCLUB(M_u; M_n), 0) + w_uy * L_uy - w_mu * NCE(M_t; M_u))
+  - vCLUB on standardised samples (gradient-stopped statistics), critic trained in the
+    same step by its own likelihood; clamped at 0 (a true MI is never negative);
+  - L_uy: the joint-weighted MSE of an auxiliary heatmap head on M_u alone (a Gaussian
+    log-likelihood, i.e. a variational lower bound on I(M_u; Y) up to a constant), so its
+    weight means the same thing at every heatmap size and no term pushes on Y^ itself;
+  - NCE: InfoNCE lower bound on I(M_t; M_u), at most log N;
+  so L >= L_H - w_mu log N >= -w_mu log N whatever the features do.
+  'mi/I_un_gauss' (the Gaussian estimate -1/2 sum log(1 - rho^2)) is logged as a
+  deterministic cross-check of the vCLUB value.
+r(step) (`mi.warmup_steps`, `mi.ramp_steps`) is 0 before the warm-up ends, then ramps
+linearly to 1; it scales every MI term of either objective and is logged as 'mi/ramp'.
 """
+
+from absl import logging
 
 import jax
 import jax.numpy as jnp
@@ -57,11 +77,84 @@ def heatmap_loss(pred, target, target_weight, mask=None):
 
 
 def _check_mi_cfg(mi_cfg):
+  objective = mi_cfg.get('objective', 'reference')
+  if objective not in ('reference', 'variational'):
+    raise ValueError(
+        f"mi.objective must be 'reference' or 'variational', got {objective!r}")
   if mi_cfg.divergence not in ('kl', 'reference'):
     raise ValueError(f"mi.divergence must be 'kl' or 'reference', got {mi_cfg.divergence!r}")
   if mi_cfg.estimator not in ('divergence', 'club'):
     raise ValueError(
         f"mi.estimator must be 'divergence' or 'club', got {mi_cfg.estimator!r}")
+
+
+def uses_club(mi_cfg):
+  """Whether the objective needs the vCLUB critic (and so the state its parameters)."""
+  if not mi_cfg.enabled:
+    return False
+  if mi_cfg.get('objective', 'reference') == 'variational':
+    return float(mi_cfg.w_un) > 0
+  return mi_cfg.estimator == 'club'
+
+
+def warn_if_unbounded(mi_cfg):
+  """Logs (and returns True) when the configured objective is unbounded below."""
+  if (mi_cfg.enabled and mi_cfg.get('objective', 'reference') == 'reference'
+      and mi_cfg.divergence == 'kl'):
+    logging.warning(
+        "mi.divergence='kl' with the reference signs is unbounded below: the loss goes to "
+        "-inf by scaling the features (use only for experiments; shipped configs use a "
+        "bounded objective).")
+    return True
+  return False
+
+
+def mi_ramp(mi_cfg, step):
+  """r(step): 0 before mi.warmup_steps, then a linear ramp to 1 over mi.ramp_steps."""
+  warmup = float(mi_cfg.get('warmup_steps', 0))
+  ramp = float(mi_cfg.get('ramp_steps', 0))
+  if step is None:
+    return jnp.float32(1.0)
+  s = jnp.asarray(step, jnp.float32)
+  if ramp <= 0:
+    return jnp.where(s >= warmup, 1.0, 0.0).astype(jnp.float32)
+  return jnp.clip((s - warmup) / ramp, 0.0, 1.0).astype(jnp.float32)
+
+
+def club_inputs(aux, mask, mi_cfg=None):
+  """(u, n, weights): the vCLUB samples, standardised for the 'variational' objective."""
+  u, n, weights = mi.club_samples(aux['useful'], aux['noisy'], mask)
+  if mi_cfg is not None and mi_cfg.get('objective', 'reference') == 'variational':
+    u, n = mi.standardize(u, weights), mi.standardize(n, weights)
+  return u, n, weights
+
+
+def variational_terms(heatmaps, aux, batch, mi_cfg, club_variables=None):
+  """The 'variational' objective's terms {'I_un_club', 'I_un_gauss', 'L_uy', 'I_mu_nce'}."""
+  del heatmaps  # No term pushes on the final heatmaps.
+  mask = batch.get('mask')
+  terms = {}
+  u, n, weights = club_inputs(aux, mask, mi_cfg)
+  if float(mi_cfg.w_un) > 0:
+    if club_variables is None:
+      raise ValueError('objective: mi.objective=variational with mi.w_un > 0 needs '
+                       'club_variables')
+    club = mi.club_from_variables(club_variables)
+    (mu, logvar), _ = club.apply(jax.lax.stop_gradient(club_variables), u, train=False)
+    terms['I_un_club'] = jnp.maximum(mi.club_bound(mu, logvar, n, weights), 0.0)
+  terms['I_un_gauss'] = jax.lax.stop_gradient(mi.gaussian_mi(u, n, weights))
+  if float(mi_cfg.w_uy) > 0:
+    if 'useful_task_heatmaps' not in aux:
+      raise ValueError('mi.objective=variational with mi.w_uy > 0 needs the auxiliary '
+                       'heatmap head on M_u: set model.useful_head=True')
+    terms['L_uy'] = heatmap_loss(aux['useful_task_heatmaps'], batch['target'],
+                                 batch['target_weight'], mask)
+  if float(mi_cfg.w_mu) > 0:
+    t, _, _ = mi.club_samples(aux['motion'], aux['noisy'], mask)
+    u_raw, _, _ = mi.club_samples(aux['useful'], aux['noisy'], mask)
+    terms['I_mu_nce'] = mi.info_nce(jax.lax.stop_gradient(t), u_raw,
+                                    tau=float(mi_cfg.get('nce_tau', 0.1)), weights=weights)
+  return terms
 
 
 def _club_bound(club_variables, aux, mask):
@@ -83,12 +176,16 @@ def mi_terms(heatmaps, aux, mi_cfg, mask=None):
   return terms
 
 
-def objective(heatmaps, aux, batch, mi_cfg, club_variables=None):
+def objective(heatmaps, aux, batch, mi_cfg, club_variables=None, step=None,
+              backbone_trainable=False):
   """Total loss of the main model and its metrics (see the module docstring).
 
   heatmaps [B, h, w, K]; aux as in CONTRACTS.md; batch with 'target', 'target_weight'
   and optionally 'mask'; mi_cfg = `config.mi`; club_variables = the CLUB network's
-  variables, required when mi_cfg.estimator == 'club'. Returns (loss, metrics), metrics
+  variables, required when `uses_club(mi_cfg)`; step = the train step (for the MI
+  warm-up, None: no warm-up); backbone_trainable: add L_H of the backbone's own key-frame
+  heatmaps, so that H(.) (its final conv, used by I_uy and I_ay) is a trained head rather
+  than a random one when the backbone is trained jointly. Returns (loss, metrics), metrics
   a flat dict of float32 scalars. An aux without the MI tensors (arch='single_frame') or
   mi_cfg.enabled=False gives L_H alone, with metrics 'loss' and 'heatmap_loss' only.
   """
@@ -103,6 +200,22 @@ def objective(heatmaps, aux, batch, mi_cfg, club_variables=None):
     missing = sorted(set(MI_AUX_KEYS) - set(present))
     raise ValueError(f'objective: model aux has some MI tensors but lacks {missing}')
   _check_mi_cfg(mi_cfg)
+  ramp = mi_ramp(mi_cfg, step)
+  metrics['mi/ramp'] = ramp
+  if backbone_trainable and 'backbone_heatmaps' in aux:
+    metrics['backbone_heatmap_loss'] = heatmap_loss(
+        aux['backbone_heatmaps'], batch['target'], batch['target_weight'], mask)
+    l_h = l_h + metrics['backbone_heatmap_loss']
+
+  if mi_cfg.get('objective', 'reference') == 'variational':
+    terms = variational_terms(heatmaps, aux, batch, mi_cfg, club_variables)
+    l_mi = (float(mi_cfg.w_un) * terms.get('I_un_club', 0.0)
+            + float(mi_cfg.w_uy) * terms.get('L_uy', 0.0)
+            - float(mi_cfg.w_mu) * terms.get('I_mu_nce', 0.0))
+    loss = l_h + ramp * l_mi
+    metrics.update({f'mi/{k}': v for k, v in terms.items()})
+    metrics.update({'mi/L_mi': l_mi, 'loss': loss})
+    return loss, metrics
 
   terms = mi_terms(heatmaps, aux, mi_cfg, mask)
   i_un = terms['I_un']
@@ -117,22 +230,22 @@ def objective(heatmaps, aux, batch, mi_cfg, club_variables=None):
   l_motion = 2.0 * i_un - terms['I_mu']
   l_mm = terms['I_ua'] - terms['I_uf'] - terms['I_af']
   l_reg = terms['I_uy'] - terms['I_uf'] + terms['I_ay'] - terms['I_af']
-  loss = l_h + mi_cfg.alpha * l_motion + mi_cfg.beta * l_mm + mi_cfg.gamma * l_reg
+  loss = l_h + ramp * (mi_cfg.alpha * l_motion + mi_cfg.beta * l_mm + mi_cfg.gamma * l_reg)
   metrics.update({f'mi/{k}': v for k, v in terms.items()})
   metrics.update({'mi/L_motion': l_motion, 'mi/L_mm': l_mm, 'mi/L_reg': l_reg,
                   'loss': loss})
   return loss, metrics
 
 
-def club_learning_loss(club_variables, aux, mask=None):
+def club_learning_loss(club_variables, aux, mask=None, mi_cfg=None):
   """The CLUB network's loss: -log q(M_n | M_u) on stop-gradient (M_u, M_n).
 
   Differentiate w.r.t. club_variables['params'] only; no gradient reaches the model.
-  `mask` [B] optionally drops padded examples.
+  `mask` [B] optionally drops padded examples; `mi_cfg` selects the samples the bound
+  sees (standardised for mi.objective='variational').
   """
-  useful = jax.lax.stop_gradient(aux['useful'])
-  noisy = jax.lax.stop_gradient(aux['noisy'])
+  aux = {k: jax.lax.stop_gradient(aux[k]) for k in ('useful', 'noisy')}
   club = mi.club_from_variables(club_variables)
-  u, n, weights = mi.club_samples(useful, noisy, mask)
+  u, n, weights = club_inputs(aux, mask, mi_cfg)
   (mu, logvar), _ = club.apply(club_variables, u, train=False)
   return mi.gaussian_nll(mu, logvar, n, weights)

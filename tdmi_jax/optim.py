@@ -12,10 +12,9 @@ import optax
 def learning_rate_schedule(optim_cfg, steps_per_epoch):
   """Linear warmup, then piecewise-constant x decay_factor at each decay epoch."""
   base = optim_cfg.learning_rate
-  boundaries = {
-      int(round(e * steps_per_epoch)): optim_cfg.decay_factor
-      for e in optim_cfg.decay_epochs
-  }
+  steps = [int(round(e * steps_per_epoch)) for e in optim_cfg.decay_epochs]
+  steps += [int(s) for s in optim_cfg.get('decay_steps', ())]
+  boundaries = {s: optim_cfg.decay_factor for s in steps}
   decay = optax.piecewise_constant_schedule(base, boundaries)
   warmup_steps = int(round(optim_cfg.warmup_epochs * steps_per_epoch))
   if warmup_steps <= 0:

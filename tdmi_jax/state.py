@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from tdmi_jax import checkpointing
+from tdmi_jax import losses
 from tdmi_jax import optim
 from tdmi_jax import sharding
 from tdmi_jax.models import mi
@@ -70,7 +71,8 @@ def create_state(config, mesh, steps_per_epoch, mode='train_and_eval'):
   mask = tdmi.trainable_mask(variables['params'], config.model)
   tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch)
   club_tx = club_params = None
-  if config.mi.enabled and config.mi.estimator == 'club':
+  losses.warn_if_unbounded(config.mi)
+  if losses.uses_club(config.mi):
     _, aux_shapes = jax.eval_shape(
         lambda v: model.apply(v, dummy, train=False), variables)
     if 'useful' in aux_shapes:

@@ -380,6 +380,14 @@ def _train_and_evaluate(config, workdir, mode, mesh):
       logging.info('eval at step %d: %s', step, results['eval'])
       if sharding.is_writer():
         print(f'eval @ {step}: ' + ', '.join(f'{k}={v:.4g}' for k, v in results['eval'].items()))
+      if config.eval.compare_backbone and config.eval.map and config.model.arch == 'tdmi':
+        results['backbone_baseline'] = map_eval.backbone_baseline(
+            config, workdir, step, state, mesh)
+      if sharding.is_writer() and config.eval.map:
+        print(f'Predictions: {os.path.join(workdir, "predictions", str(step))}/ '
+              f'(PoseTrack18 JSON per video); results: {workdir}/eval_results.json')
+        if config.eval.num_overlays:
+          print(f'Overlays: {os.path.join(workdir, "overlays", str(step))}/*.png')
     return results
   finally:
     log.close()

@@ -23,6 +23,25 @@ def _default_objective():
   return losses.objective, losses.club_learning_loss
 
 
+def losses_objective():
+  from tdmi_jax import losses  # pylint: disable=g-import-not-at-top
+  return losses.objective
+
+
+def model_inputs(batch):
+  """(args, kwargs) of the model call: frames, or cached backbone outputs.
+
+  A batch with 'backbone_heatmaps' [B, 5, h, w, K] and 'backbone_features' (a tuple of
+  four [B, 5, h, w, C]) skips the backbone: only valid for a frozen backbone with frozen
+  BatchNorm, whose outputs do not depend on the step (the hard-frame experiment caches
+  them once per training window).
+  """
+  if 'backbone_heatmaps' in batch:
+    return (None,), {'backbone_outputs': (batch['backbone_heatmaps'],
+                                          tuple(batch['backbone_features']))}
+  return (batch['frames'],), {}
+
+
 def _default_heatmap_loss():
   from tdmi_jax import losses  # pylint: disable=g-import-not-at-top
   return losses.heatmap_loss
@@ -48,6 +67,9 @@ def make_train_step(*, model, config, tx, schedule, mask, mesh, club_tx=None,
   base_key = jax.random.key(config.seed)
   freeze_backbone_bn = config.model.backbone.bn == 'frozen'
   mi_cfg = config.get('mi')
+  extra = {}
+  if objective_fn is losses_objective():
+    extra = dict(step=None, backbone_trainable=not config.model.backbone.frozen)
 
   def train_step(state, batch):
     rng = jax.random.fold_in(base_key, state.step)
@@ -58,13 +80,14 @@ def make_train_step(*, model, config, tx, schedule, mask, mesh, club_tx=None,
 
     def loss_fn(trainable):
       params = optim.merge_params(trainable, frozen)
+      args, inputs_kw = model_inputs(batch)
       (heatmaps, aux), updates = model.apply(
-          {'params': params, 'batch_stats': state.batch_stats}, batch['frames'],
-          train=True, mutable=['batch_stats'], rngs={'dropout': rng})
-      if club_vars is None:
-        loss, metrics = objective_fn(heatmaps, aux, batch, mi_cfg)
-      else:
-        loss, metrics = objective_fn(heatmaps, aux, batch, mi_cfg, club_variables=club_vars)
+          {'params': params, 'batch_stats': state.batch_stats}, *args,
+          train=True, mutable=['batch_stats'], rngs={'dropout': rng}, **inputs_kw)
+      kwargs = dict(extra, step=state.step) if extra else {}
+      if club_vars is not None:
+        kwargs['club_variables'] = club_vars
+      loss, metrics = objective_fn(heatmaps, aux, batch, mi_cfg, **kwargs)
       return loss, (metrics, updates.get('batch_stats', {}), aux)
 
     (loss, (metrics, batch_stats, aux)), grads = jax.value_and_grad(
@@ -88,7 +111,7 @@ def make_train_step(*, model, config, tx, schedule, mask, mesh, club_tx=None,
       # are differentiated, so the main model gets no gradient from this term.
       aux_sg = jax.lax.stop_gradient(aux)
       club_loss, club_grads = jax.value_and_grad(
-          lambda p: club_loss_fn({'params': p}, aux_sg, batch.get('mask')))(club_params)
+          lambda p: club_loss_fn({'params': p}, aux_sg, batch.get('mask'), mi_cfg))(club_params)
       club_updates, club_opt_state = club_tx.update(club_grads, club_opt_state, club_params)
       club_params = optax.apply_updates(club_params, club_updates)
       metrics['club/learning_loss'] = club_loss

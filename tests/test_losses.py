@@ -12,7 +12,7 @@ from tdmi_jax.models import mi
 
 B, H, W, C, K = 2, 8, 6, 4, 3
 METRIC_KEYS = {'loss', 'heatmap_loss', 'mi/I_un', 'mi/I_mu', 'mi/I_ua', 'mi/I_uf',
-               'mi/I_af', 'mi/I_uy', 'mi/I_ay', 'mi/L_motion', 'mi/L_mm', 'mi/L_reg'}
+               'mi/I_af', 'mi/I_uy', 'mi/I_ay', 'mi/L_motion', 'mi/L_mm', 'mi/L_reg', 'mi/ramp'}
 # V(A -> B) of each term, written out again from SPEC §6 to check the wiring.
 SPEC_TERMS = {
     'I_un': ('useful', 'noisy'), 'I_mu': ('motion', 'useful'),

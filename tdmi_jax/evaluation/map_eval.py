@@ -113,7 +113,7 @@ def flat_metrics(results):
   return out
 
 
-def map_evaluation(config, workdir, step, predict_fn):
+def map_evaluation(config, workdir, step, predict_fn, title=None):
   """PoseTrack mAP on val detector boxes: predictions/<step>/ and eval_results.json.
 
   `predict_fn(batch) -> heatmaps` (numpy, this process's rows), e.g.
@@ -137,7 +137,8 @@ def map_evaluation(config, workdir, step, predict_fn):
       overlay.write_eval_overlays(
           predictions, posetrack_map.gt_files(gt_dir), data_cfg.manual_dir,
           paths.path(workdir) / 'overlays' / str(int(step)), config.eval.num_overlays)
-    print(f'PoseTrack mAP at step {int(step)} ({results["all"]["num_frames"]} frames):')
+    title = title or f'PoseTrack mAP at step {int(step)}'
+    print(f'{title} ({results["all"]["num_frames"]} frames):')
     print(posetrack_map.format_table(results['all']))
     for name in ('clean', 'degraded'):
       if name in results:
@@ -146,3 +147,24 @@ def map_evaluation(config, workdir, step, predict_fn):
     metrics = flat_metrics(results)
   sharding.sync('map_evaluation')
   return metrics
+
+
+def backbone_baseline(config, workdir, step, state, mesh):
+  """PoseTrack mAP of the model's own (frozen) backbone as a single-frame estimator.
+
+  Same val boxes and decoding as the TDMI evaluation, so the two tables differ only by
+  what the temporal model adds. Files go to <workdir>/backbone_baseline/.
+  """
+  from tdmi_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
+  from tdmi_jax.models import tdmi  # pylint: disable=g-import-not-at-top
+  sf_config = config.copy_and_resolve_references()
+  sf_config.model.arch = 'single_frame'
+  sf_config.eval.num_overlays = 0
+  sf_model = tdmi.build_model(sf_config.model)
+  sf_state = state.replace(
+      params={'backbone': state.params['backbone']},
+      batch_stats={k: v for k, v in state.batch_stats.items() if k == 'backbone'})
+  eval_step = train_step_lib.make_eval_step(model=sf_model, mesh=mesh)
+  return map_evaluation(sf_config, paths.path(workdir) / 'backbone_baseline', step,
+                        train_step_lib.make_predict_fn(sf_state, eval_step, mesh),
+                        title='Single-frame backbone alone, same boxes')

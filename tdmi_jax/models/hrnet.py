@@ -81,6 +81,13 @@ VARIANTS = {
         StageSpec(1, 1, 'BOTTLENECK', (1,), (8,)),
         *_stages((8, 16, 32, 64), blocks=1, modules=(1, 1, 2)),
         offset_groups=2),
+    # The shipped synthetic-data backbone (configs/synthetic_backbone.py): twice tiny's
+    # high-resolution width, two blocks per branch; 583k parameters, CPU-sized.
+    'small': HRNetSpec(
+        32,
+        StageSpec(1, 1, 'BOTTLENECK', (2,), (16,)),
+        *_stages((16, 32, 48, 64), blocks=2, modules=(1, 1, 1)),
+        offset_groups=4),
 }
 
 

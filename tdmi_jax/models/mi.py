@@ -168,3 +168,60 @@ def club_bound(mu, logvar, n, weights=None):
   positive = (n - mu) ** 2 * inv_var
   per_sample = 0.5 * jnp.sum(negative - positive, axis=-1)
   return _weighted_mean(per_sample, weights)
+
+
+# --- Estimators of the 'variational' objective ---------------------------------------
+
+
+def standardize(x, weights=None, eps=1e-5):
+  """Per-dimension z-scores of samples x [N, C] with gradient-stopped statistics.
+
+  Stopping the gradient through the mean and std keeps the estimate invariant to the
+  feature scale (the attack that drives unnormalised bounds to -inf) without letting the
+  model lower it by moving the statistics themselves.
+  """
+  if weights is None:
+    weights = jnp.ones(x.shape[:1], jnp.float32)
+  w = weights[:, None] / jnp.maximum(jnp.sum(weights), 1e-8)
+  mean = jnp.sum(x * w, axis=0)
+  std = jnp.sqrt(jnp.sum((x - mean) ** 2 * w, axis=0) + eps)
+  return (x - jax.lax.stop_gradient(mean)) / jax.lax.stop_gradient(std)
+
+
+def gaussian_mi(u, n, weights=None, eps=1e-4):
+  """I(u; n) of jointly Gaussian vectors with the samples' covariance, in nats.
+
+  -1/2 log det(Sigma_joint) + 1/2 log det Sigma_u + 1/2 log det Sigma_n, i.e.
+  -1/2 sum_i log(1 - rho_i^2) over the canonical correlations rho_i. Exact for Gaussian
+  data; for other data a deterministic cross-check of the learned bounds, logged and
+  never optimised.
+  """
+  if weights is None:
+    weights = jnp.ones(u.shape[:1], jnp.float32)
+  z = jnp.concatenate([u, n], axis=-1).astype(jnp.float32)
+  w = weights[:, None] / jnp.maximum(jnp.sum(weights), 1e-8)
+  z = z - jnp.sum(z * w, axis=0)
+  cov = (z * w).T @ z
+  d = cov.shape[0]
+  cov = cov + eps * jnp.trace(cov) / d * jnp.eye(d)
+  c = u.shape[-1]
+  logdet = lambda m: jnp.linalg.slogdet(m)[1]
+  return 0.5 * (logdet(cov[:c, :c]) + logdet(cov[c:, c:]) - logdet(cov))
+
+
+def info_nce(a, b, *, tau=0.1, weights=None):
+  """InfoNCE lower bound on I(a; b) from N paired samples [N, C], in nats.
+
+  Critic: cosine similarity / tau. log N - CE(matching a_i to b_i among all b_j); never
+  above log N, so as a maximised term it cannot push the loss to -inf.
+  """
+  norm = lambda x: x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-8)
+  logits = norm(a.astype(jnp.float32)) @ norm(b.astype(jnp.float32)).T / tau
+  n = a.shape[0]
+  if weights is None:
+    weights = jnp.ones((n,), jnp.float32)
+  # Padded samples are neither positives nor negatives.
+  logits = jnp.where(weights[None, :] > 0, logits, -1e9)
+  ce = -jnp.diagonal(jax.nn.log_softmax(logits, axis=1))
+  count = jnp.maximum(jnp.sum(weights), 1.0)
+  return jnp.log(count) - _weighted_mean(ce, weights)

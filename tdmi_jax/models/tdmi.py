@@ -21,6 +21,16 @@ Fields of `config.model` (`configs/common.py:model_config`):
                    8 for W32, 2 for tiny). Must divide C, else build_model raises.
   dcn.mask_activation  'none' (reference) | 'sigmoid'.
   rdm_hidden       hidden width of the RDM gates.
+  rdm_noisy        'gate' (reference: M_n = a_n * M_t, an independent gate) | 'complement'
+                   (M_n = M_t - M_u), see models/rdm.py.
+  motion           'tde' | 'none' (ablation: the fusion sees zeros instead of M_u, so only
+                   the appearance branch uses the supporting frames).
+  head_residual    the fusion head predicts a correction added to the frozen backbone's own
+                   key-frame heatmaps (gradient-stopped) instead of the heatmaps themselves:
+                   TDMI then starts from the single-frame estimate and learns what the
+                   neighbouring frames change (a departure from the paper, see docs/design.md).
+  useful_head      also predict heatmaps from M_u alone with a 3x3 conv (aux
+                   'useful_task_heatmaps'): the task term of mi.objective='variational'.
   appearance       'aligned' (FAMI-Pose alignment, F_app) | 'key_frame' (F_app = F_t).
 """
 
@@ -55,7 +65,11 @@ class TDMI(nn.Module):
   offset_groups: int = 12
   mask_activation: str = 'none'
   rdm_hidden: int = 128
+  rdm_noisy: str = 'gate'
   appearance: str = 'aligned'
+  motion: str = 'tde'
+  head_residual: bool = False
+  useful_head: bool = False
 
   @nn.compact
   def __call__(self, frames: jax.Array | None, *, train: bool,
@@ -99,15 +113,18 @@ class TDMI(nn.Module):
         mask_activation=self.mask_activation, dtype=self.dtype, name='tde')(
             stage_features, train=train)
     useful, noisy = rdm_lib.RepresentationDisentanglement(
-        self.rdm_hidden, dtype=self.dtype, name='rdm')(motion)
+        self.rdm_hidden, noisy=self.rdm_noisy, dtype=self.dtype, name='rdm')(motion)
     if self.appearance == 'aligned':
       app = appearance_lib.AppearanceAlignment(
           c, offset_groups=self.offset_groups, mask_activation=self.mask_activation,
           dtype=self.dtype, name='appearance')(stage_features[-1], train=train)
     else:
       app = stage_features[-1][:, key]
+    fusion_motion = useful if self.motion == 'tde' else jnp.zeros_like(useful)
     heatmaps, fused = head_lib.FusionHead(c, self.num_joints, dtype=self.dtype, name='head')(
-        useful, app, train=train)
+        fusion_motion, app, train=train)
+    if self.head_residual:
+      heatmaps = heatmaps + jax.lax.stop_gradient(backbone_heatmaps).astype(heatmaps.dtype)
 
     # H(X): the backbone's final conv with its weights gradient-stopped, for the MI terms.
     final = backbone.variables['params']['final_layer']
@@ -122,6 +139,9 @@ class TDMI(nn.Module):
         'useful_heatmaps': f32(backbone_head(useful)),
         'appearance_heatmaps': f32(backbone_head(app)),
     }
+    if self.useful_head:
+      aux['useful_task_heatmaps'] = f32(layers.conv(
+          self.num_joints, 3, use_bias=True, dtype=self.dtype, name='useful_head')(useful))
     return heatmaps, aux
 
 
@@ -179,7 +199,12 @@ def build_model(model_cfg: ml_collections.ConfigDict) -> TDMI:
       mask_activation=_choice(model_cfg.dcn.mask_activation, 'dcn.mask_activation',
                               ('none', 'sigmoid')),
       rdm_hidden=int(model_cfg.rdm_hidden),
+      rdm_noisy=_choice(model_cfg.get('rdm_noisy', 'gate'), 'rdm_noisy',
+                        ('gate', 'complement')),
       appearance=_choice(model_cfg.appearance, 'appearance', ('aligned', 'key_frame')),
+      motion=_choice(model_cfg.get('motion', 'tde'), 'motion', ('tde', 'none')),
+      head_residual=bool(model_cfg.get('head_residual', False)),
+      useful_head=bool(model_cfg.get('useful_head', False)),
   )
 
 
