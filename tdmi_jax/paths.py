@@ -113,14 +113,31 @@ def copy_tree(src, dst):
   """Copies every file under `src` to the same relative path under `dst` (either side may
   be local or a URI). Returns the number of files."""
   src, dst = path(src), path(dst)
-  n = 0
-  for f in sorted(src.rglob('*'), key=os.fspath):
-    if f.is_dir():
-      continue
-    target = dst / os.fspath(f)[len(os.fspath(src)):].lstrip('/')
-    copy_file(f, target)
-    n += 1
-  return n
+  rels = files_under(src)
+  for rel in rels:
+    copy_file(src / rel, dst / rel)
+  return len(rels)
+
+
+def files_under(root):
+  """Sorted relative paths of every file under `root` (epath has no recursive glob on
+  object stores: there, one listing per folder)."""
+  root = path(root)
+  if not is_uri(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root)
+                  for d, _, names in os.walk(root) for f in names)
+  out = []
+
+  def visit(folder, rel):
+    for p in folder.iterdir():
+      r = f'{rel}/{p.name}' if rel else p.name
+      if p.is_dir():
+        visit(p, r)
+      else:
+        out.append(r)
+
+  visit(root, '')
+  return sorted(out)
 
 
 def copy_file(src, dst):

@@ -137,6 +137,10 @@ class _Watchdog:
         continue
       if cls._stop.is_set():
         return
+      try:  # Lets a failing process 0 (the coordinator) know it may now exit.
+        client.key_value_set(f'{_FAILURE_KEY}/seen/{jax.process_index()}', '1')
+      except Exception:  # pylint: disable=broad-except
+        pass
       _exit_now(f'ERROR: {message}; process {jax.process_index()} stops too.', 1)
 
   @classmethod
@@ -172,6 +176,14 @@ def abort(error, code=1):
     client.key_value_set(_FAILURE_KEY, f'process {jax.process_index()} failed: {text}')
   except Exception:  # pylint: disable=broad-except  (another process reported first)
     pass
+  if jax.process_index() == 0:
+    # Process 0 serves the coordination service: it waits (at most ~10 s) until the others
+    # have read the message, which would otherwise die with it.
+    for i in range(1, jax.process_count()):
+      try:
+        client.blocking_key_value_get(f'{_FAILURE_KEY}/seen/{i}', 10_000)
+      except Exception:  # pylint: disable=broad-except  (gone already, or too slow)
+        break
   _exit_now(f'ERROR: {text}', code)
 
 

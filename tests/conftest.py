@@ -48,6 +48,22 @@ def env(tmp_path_factory):
   return e
 
 
+@pytest.fixture(scope='session')
+def runlocal_six_steps(env, tmp_path_factory):
+  """(workdir, process) of `launch.py --config=configs/synthetic.py:runlocal` for 6 steps,
+  uninterrupted: the reference of the resume tests (tests/test_train.py) and of the
+  2-process run (tests/test_multihost.py)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('six')
+  proc = subprocess.run(
+      [sys.executable, 'launch.py', '--config=configs/synthetic.py:runlocal',
+       f'--workdir={workdir}', '--config.num_train_steps=6'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return workdir, proc
+
+
+
 def _real(name):
   """A folder of the real-PoseTrack fixtures, or a skip (an error under CI) naming it."""
   path = real_fixtures_dir() / name

@@ -72,11 +72,9 @@ def _assert_trees_equal(a, b):
 
 
 @pytest.fixture(scope='module')
-def six_steps(env, tmp_path_factory):
-  """configs/synthetic.py:runlocal run for 6 steps without interruption."""
-  workdir = tmp_path_factory.mktemp('six')
-  proc = _ok(_launch(env, workdir, '--config.num_train_steps=6'))
-  return workdir, proc
+def six_steps(runlocal_six_steps):
+  """configs/synthetic.py:runlocal run for 6 steps without interruption (conftest)."""
+  return runlocal_six_steps
 
 
 def test_runlocal_end_to_end_writes_checkpoints_logs_config(six_steps):

@@ -147,10 +147,8 @@ def _sync_published_build(builder, local_root, remote_root, build):
     logging.info('Copied the dataset build %s to %s.', remote, local)
     return 'copied'
   build()
-  files = sorted((f for f in local.rglob('*') if not f.is_dir()),
-                 key=lambda f: f.name == _BUILD_MARKER)
-  for f in files:
-    paths.copy_file(f, remote / os.fspath(f)[len(os.fspath(local)):].lstrip('/'))
+  for rel in sorted(paths.files_under(local), key=lambda r: r.endswith(_BUILD_MARKER)):
+    paths.copy_file(local / rel, remote / rel)
   logging.info('Published the dataset build %s to %s.', local, remote)
   return 'built'
 
