@@ -14,6 +14,8 @@ import re
 
 import numpy as np
 
+from tdmi_jax.evaluation import tracker
+
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
 
 
@@ -167,25 +169,11 @@ def iou(a, b):
 
 
 def link_tracks(boxes, min_iou=0.3):
-  """Greedy IoU linking of consecutive frames' boxes -> per frame int array of track ids."""
-  ids, next_id, prev, prev_ids = [], 0, np.zeros((0, 5)), np.zeros((0,), int)
-  for cur in boxes:
-    cur_ids = np.full(len(cur), -1, int)
-    if len(prev) and len(cur):
-      m = iou(cur, prev)
-      for _ in range(min(len(cur), len(prev))):
-        i, j = np.unravel_index(np.argmax(m), m.shape)
-        if m[i, j] < min_iou:
-          break
-        cur_ids[i] = prev_ids[j]
-        m[i, :] = -1
-        m[:, j] = -1
-    for i in np.flatnonzero(cur_ids < 0):
-      cur_ids[i] = next_id
-      next_id += 1
-    ids.append(cur_ids)
-    prev, prev_ids = cur, cur_ids
-  return ids
+  """Track ids (per frame an int array) of consecutive frames' xywh boxes [n, 5]: the
+  project's tracker on box IoU, a track ending when its box is missing from a frame."""
+  corners = [np.concatenate([b[:, :2], b[:, :2] + b[:, 2:4]], axis=1)
+             for b in (np.asarray(b, np.float64).reshape(len(b), -1) for b in boxes)]
+  return tracker.link(corners, similarity='iou', min_similarity=min_iou, max_age=0)
 
 
 def crop_anchors(boxes, track_ids, reanchor_iou=0.85):
