@@ -90,8 +90,9 @@ def _assign(cost):
 
 
 def _events(st, c, j, o, h, d):
-  """Counts the step-2 pairs (arrays j, o, h, d) of one frame and updates the state; each
-  object and hypothesis appears once per joint, so the pairs do not interact."""
+  """Counts assigned pairs (arrays j, o, h, d) as motmetrics' step 2 does and updates the
+  state. Pairs given together must not share an object or a hypothesis of one joint (they
+  would interact through the state); `_update_sequential` passes one pair at a time."""
   prev = st.pair[j, o]
   switch = (prev >= 0) & (prev != h)
   ascend = switch & ~st.hyp_seen[j, h]
