@@ -12,7 +12,6 @@ from configs import synthetic as synthetic_config
 from tdmi_jax.data import input_pipeline
 from tdmi_jax.evaluation import map_eval
 from tdmi_jax.evaluation import tracker
-from tdmi_jax.evaluation import tracking
 from tdmi_jax.evaluation import writer
 
 

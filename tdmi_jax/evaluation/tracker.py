@@ -1,15 +1,15 @@
 """The project's pose tracker: links the people of a video's frames into tracks.
 
-The prediction writer runs it on people without a track id (training eval, `--mode=eval`,
-batch evaluation, `infer`), with the thresholds of `config.eval.tracker`; `infer` also runs
-it on person boxes to hold crops (video_io.link_tracks).
+The prediction writer runs it on videos whose people have no track id (training eval,
+`--mode=eval`, batch evaluation), with the thresholds of `config.eval.tracker`; `infer` runs
+it on the person boxes (video_io.link_tracks), which give its crops and its written ids.
 
 Frame by frame, the people of a frame are matched to the live tracks, each represented by
 its last pose (or box), by the assignment of maximum total similarity (Hungarian, scipy's
 linear_sum_assignment); pairs below `min_similarity` stay apart and an unmatched person
 starts a new track. A track stays live while it has missed at most `max_age` of the linked
 frames. Frames without people are not linked frames: evaluation predicts labeled frames only,
-which are several frames apart in most of PoseTrack's val videos.
+which need not be consecutive.
 
 Similarities:
 * 'oks': COCO's object keypoint similarity (decode.OKS_SIGMAS) over the joints whose score is
