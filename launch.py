@@ -44,6 +44,9 @@ def main(argv):
   except workdir_lock.WorkdirInUseError as e:
     print(f'ERROR: {e}', file=sys.stderr)
     sys.exit(1)
+  except train.ConfigError as e:  # Found before any work: the message says it all.
+    print(f'ERROR: {e}', file=sys.stderr)
+    sys.exit(2)
   except (train.NonFiniteLossError, FileNotFoundError, ValueError) as e:
     # Clear error, non-zero exit; the traceback stays in the log for debugging.
     logging.exception('Run failed')

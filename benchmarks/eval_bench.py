@@ -105,10 +105,10 @@ def main():
     # Parts: reading + parsing, then matching + AP on the parsed videos.
     t0 = time.perf_counter()
     files = posetrack_map.gt_files(gt_dir)
-    parsed = [(os.path.basename(p),
-               posetrack_map.read_video(fileio.load_json(p, posetrack_map.EvalInputError), p),
-               posetrack_map.read_video(fileio.load_json(
-                   os.path.join(pred_dir, os.path.basename(p)), posetrack_map.EvalInputError), p)) for p in files]
+    load = lambda path: fileio.load_json(path, posetrack_map.EvalInputError)
+    parsed = [(os.path.basename(p), posetrack_map.read_video(load(p), p),
+               posetrack_map.read_video(load(os.path.join(pred_dir, os.path.basename(p))), p))
+              for p in files]
     t_read = time.perf_counter() - t0
     t0 = time.perf_counter()
     posetrack_map.evaluate_videos(parsed)

@@ -2,8 +2,8 @@ r"""Video inference frames/s with and without the streaming backbone feature cac
 
   python benchmarks/infer_bench.py --variant=hrnet_w48 --frames=8 --people=1
 
-Runs `tdmi_jax.inference.infer.predict_video` twice in one process on the same synthetic clip and random
-weights (speed does not depend on the weights): once with the cache (one backbone pass per
+Runs `tdmi_jax.inference.infer.predict_video` twice in one process on the same synthetic
+clip and random weights (speed does not depend on the weights): once with the cache (one backbone pass per
 (crop, frame)) and once without (five per window). The theoretical saving of the cache is
 the backbone's share of a window's cost times 4/5; the script prints both runs, the
 backbone-pass counts and the measured speed-up. The first frame's compilation is excluded
@@ -64,11 +64,12 @@ def main():
       os.makedirs(warm, exist_ok=True)
       for t in range(2):
         os.link(os.path.join(frames_dir, f'{t:06d}.jpg'), os.path.join(warm, f'{t:06d}.jpg'))
-      infer.predict_video(None, os.path.join(tmp, 'w'), **{**kw, 'frames': warm}, use_cache=use_cache)
+      infer.predict_video(None, os.path.join(tmp, 'w'), **{**kw, 'frames': warm},
+                          use_cache=use_cache)
       for t in range(2):
         os.remove(os.path.join(warm, f'{t:06d}.jpg'))
-      results[use_cache] = infer.predict_video(None, os.path.join(tmp, f'out{use_cache}'), **kw,
-                                     use_cache=use_cache)
+      results[use_cache] = infer.predict_video(None, os.path.join(tmp, f'out{use_cache}'),
+                                               **kw, use_cache=use_cache)
   for use_cache, r in results.items():
     print(f"{'cache   ' if use_cache else 'no cache'}: {r['frames_per_sec']:.3f} frames/s, "
           f"{r['backbone_passes']} backbone passes, {r['seconds']:.1f} s for {r['frames']} "

@@ -1,12 +1,17 @@
 r"""Input pipeline throughput and dataset size (figures for BENCHMARKS.md "Input pipeline").
 
-  python benchmarks/input_bench.py [--batch 8] [--steps 4] [--rounds 3] [--workers 2] [--work DIR]
+  python benchmarks/input_bench.py [--batch 8] [--steps 4] [--rounds 3] [--workers 2] \
+      [--work DIR] [--full_hd auto|real|synthetic]
 
 Two datasets, both built through the posetrack TFDS builder:
 - synthetic: `tdmi_jax.data.synthesize` default preset (320x240 frames);
-- full-HD: a PoseTrack18-layout video made of the real 1920x1080 fixture frames
-  (../shared/fixtures/posetrack18_real, cycled) with their real GT persons, so every example
-  decodes five distinct full-HD JPEGs as on PoseTrack.
+- full-HD: 1920x1080 frames, every example decoding five distinct full-HD JPEGs as on
+  PoseTrack. `real` cycles the real PoseTrack18 fixture frames with their GT persons (the
+  `posetrack18_real` folder of $TDMI_FIXTURES_DIR, else ../shared/fixtures); `synthetic`
+  renders a 60-frame full-HD video with the synthetic generator (its JPEGs are not
+  photographs: measured 1.74 MB per five-frame window against 0.64 MB for the real frames,
+  so decoding costs differ); `auto` (the default) uses the real frames when they are
+  there.
 Prints per dataset: array_record bytes per labeled frame, the JPEG bytes the same window would
 take if stored in the record, record reads/s (random access via tfds data_source), and
 training examples/s (5 frames at 384x288, augmentation on) with JPEG draft decoding on and off.
@@ -29,7 +34,9 @@ import numpy as np  # noqa: E402
 from configs import common  # noqa: E402
 from tdmi_jax.data import input_pipeline  # noqa: E402
 
-FIXTURE = ROOT.parent / 'shared' / 'fixtures' / 'posetrack18_real'
+# The real-PoseTrack fixtures are not part of the repository (tests/conftest.py).
+FIXTURES = os.environ.get('TDMI_FIXTURES_DIR') or ROOT.parent / 'shared' / 'fixtures'
+FIXTURE = pathlib.Path(FIXTURES) / 'posetrack18_real'
 
 
 def full_hd_dataset(root, nframes=60):
@@ -60,8 +67,17 @@ def full_hd_dataset(root, nframes=60):
       json.dumps({'images': images, 'annotations': anns, 'categories': []}))
 
 
+def synthetic_full_hd_dataset(root, nframes=60):
+  """One synthetic train video of full-HD frames (and one small val video, which the
+  generator always writes)."""
+  from tdmi_jax.data import synthesize  # pylint: disable=g-import-not-at-top
+  if not (root / 'annotations').is_dir():
+    synthesize.generate(str(root), videos=2, val_videos=1, frames=nframes,
+                        image_size=(1080, 1920), overwrite=True)
+
+
 def measure(name, manual_dir, data_dir, batch, steps, workers, rounds):
-  cfg = common.data_config('posetrack18' if name == 'full-HD' else 'synthetic')
+  cfg = common.data_config('posetrack18' if name == 'full-HD (real)' else 'synthetic')
   cfg.manual_dir = str(manual_dir)
   cfg.data_dir = str(data_dir)
   cfg.num_workers = workers
@@ -114,7 +130,14 @@ def main():
   parser.add_argument('--workers', type=int, default=2)
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--work', default='/tmp/input_bench')
+  parser.add_argument('--full_hd', choices=('auto', 'real', 'synthetic'), default='auto',
+                      help='where the full-HD frames come from')
   args = parser.parse_args()
+  source = args.full_hd
+  if source == 'auto':
+    source = 'real' if (FIXTURE / 'annotations' / 'val').is_dir() else 'synthetic'
+  elif source == 'real' and not (FIXTURE / 'annotations' / 'val').is_dir():
+    parser.error(f'--full_hd=real: {FIXTURE} not found (set TDMI_FIXTURES_DIR)')
   work = pathlib.Path(args.work)
   print('load average before: %.2f %.2f %.2f' % os.getloadavg())
   synth = work / 'synthetic'
@@ -123,9 +146,9 @@ def main():
     synthesize.generate(str(synth), overwrite=True)
   measure('synthetic', synth, work / 'tfds', args.batch, args.steps, args.workers,
           args.rounds)
-  hd = work / 'full_hd'
-  full_hd_dataset(hd)
-  measure('full-HD', hd, work / 'tfds', args.batch, args.steps, args.workers,
+  hd = work / f'full_hd_{source}'
+  (full_hd_dataset if source == 'real' else synthetic_full_hd_dataset)(hd)
+  measure(f'full-HD ({source})', hd, work / 'tfds', args.batch, args.steps, args.workers,
           args.rounds)
   print('load average after: %.2f %.2f %.2f' % os.getloadavg())
 

@@ -32,6 +32,17 @@ def parse_arg(arg, **defaults):
   return out
 
 
+def apply_runlocal(config):
+  """What every config's `runlocal` variant shares: tiny batches and a few steps on CPU."""
+  config.batch_size = 2
+  config.eval_batch_size = 4
+  config.num_train_steps = 4
+  config.log_every_steps = 1
+  config.eval_every_steps = 0
+  config.checkpoint.every_steps = 2
+  return config
+
+
 # --- Config blocks -------------------------------------------------------------------
 # Each block is owned by one part of the library; every SPEC [decision] is a field here
 # with the SPEC's default.

@@ -71,12 +71,7 @@ def recipe(dataset, arg):
     config.model.variant = 'tiny'
     config.data.image_size = (128, 96)
     config.data.heatmap_size = (32, 24)
-    config.batch_size = 2
-    config.eval_batch_size = 4
-    config.num_train_steps = 4
-    config.log_every_steps = 1
-    config.eval_every_steps = 0
-    config.checkpoint.every_steps = 2
+    common.apply_runlocal(config)
   return config.lock()
 
 

@@ -57,10 +57,5 @@ def get_config(arg=None):
   config.mi.alpha = config.mi.beta = config.mi.gamma = 0.01
   if arg.runlocal:
     config.synthetic = dict(videos=2, frames=8, image_size=(96, 128), seed=0)
-    config.batch_size = 2
-    config.eval_batch_size = 4
-    config.num_train_steps = 4
-    config.log_every_steps = 1
-    config.eval_every_steps = 0
-    config.checkpoint.every_steps = 2
+    common.apply_runlocal(config)
   return config.lock()

@@ -18,6 +18,7 @@ import logging as std_logging
 import math
 import os
 import signal
+import tempfile
 import time
 
 from absl import logging
@@ -46,6 +47,10 @@ BAR_KEYS = (('loss', 'loss'), ('heatmap_loss', 'hm'), ('mi/L_motion', 'Lmot'),
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or Inf; the run stops without writing a checkpoint."""
+
+
+class ConfigError(ValueError):
+  """A bad --mode, --workdir or config value, found before any work starts."""
 
 
 class _StopRequest:
@@ -165,22 +170,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mode='tr
   workdir lock throughout: a second run on the same workdir raises WorkdirInUseError.
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  with workdir_lock.hold(workdir, enabled=sharding.is_writer()):
-    return _train_and_evaluate(config, workdir, mode)
-
-
-def _train_and_evaluate(config, workdir, mode):
+  # Bad flags and config values are reported before any work (dataset synthesis, TFDS
+  # build, the workdir lock) starts.
   if mode not in MODES:
-    raise ValueError(f'--mode={mode!r}; expected one of {MODES}')
+    raise ConfigError(f'--mode={mode!r}; expected one of {MODES}')
+  mesh = sharding.make_mesh()
+  for field in ('batch_size', 'eval_batch_size'):
+    try:
+      sharding.check_batch_size(config[field], mesh, field)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  _check_workdir(workdir)
+  with workdir_lock.hold(workdir, enabled=sharding.is_writer()):
+    return _train_and_evaluate(config, workdir, mode, mesh)
+
+
+def _check_workdir(workdir):
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f'--workdir={workdir} is an existing file, not a directory')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if sharding.is_writer():  # os.access is no proof (root, read-only mounts): write.
+      with tempfile.TemporaryFile(dir=workdir):
+        pass
+  except OSError as e:
+    raise ConfigError(f'--workdir={workdir} cannot be created or written '
+                      f'({e.strerror or e})') from None
+
+
+def _train_and_evaluate(config, workdir, mode, mesh):
   # --- Workdir, config, data --------------------------------------------------------
   std_logging.getLogger('absl').addFilter(_QuietLibraries())
   config = config.copy_and_resolve_references()
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  # Config values are checked before any work (dataset synthesis, TFDS build) starts.
-  mesh = sharding.make_mesh()
-  sharding.check_batch_size(config.batch_size, mesh)
-  sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  os.makedirs(workdir, exist_ok=True)
   input_pipeline.prepare_data(config, workdir)
   train_data = None
   if mode != 'eval':
@@ -220,7 +241,8 @@ def _train_and_evaluate(config, workdir, mode):
   try:
     # --- Evaluation only --------------------------------------------------------------
     if mode == 'eval':
-      results['eval'] = _val_metrics(config, workdir, start_step, state, eval_step, eval_data, mesh)
+      results['eval'] = _val_metrics(config, workdir, start_step, state, eval_step, eval_data,
+                                     mesh)
       log.write(start_step, 'eval', results['eval'])
       logging.info('eval at step %d: %s', start_step, results['eval'])
       return results

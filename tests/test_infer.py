@@ -2,8 +2,10 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
+import tracemalloc
 
 import jax
 import numpy as np
@@ -15,6 +17,9 @@ from tdmi_jax.inference import infer
 from tdmi_jax.models import tdmi
 
 CLIP = '000001_mpiinew_test'
+# What the whole-clip implementation (before streaming) predicted on the real clip with the
+# tiny_workdir weights, for the runs of test_streaming_gives_the_same_outputs_as_before.
+EXPECTED = pathlib.Path(__file__).parent / 'testdata' / 'infer_real_clip_expected.json'
 
 
 @pytest.fixture(scope='module')
@@ -103,3 +108,77 @@ def test_cli_errors_name_the_problem(tmp_path, pt18_real):
       capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1
   assert 'config.json' in proc.stderr
+
+
+def test_streaming_gives_the_same_outputs_as_before(tiny_workdir, pt18_real, tmp_path):
+  clip = pt18_real / 'videos' / CLIP
+  boxes = [{'image_id': t, 'bbox': [300 + 5 * t, 150, 300, 500], 'score': 0.9}
+           for t in range(5)] + [{'image_id': 2, 'bbox': [800, 100, 200, 400], 'score': 0.8}]
+  (tmp_path / 'boxes.json').write_text(json.dumps(boxes))
+  video, box_file = str(clip / f'{CLIP}.mp4'), str(tmp_path / 'boxes.json')
+  runs = {'frames_whole_frame': dict(frames=str(clip), detector='whole_frame'),
+          'video_boxes': dict(video=video, boxes=box_file),
+          'video_boxes_flip': dict(video=video, boxes=box_file, flip_test=True),
+          'video_boxes_nocache': dict(video=video, boxes=box_file, use_cache=False),
+          'frames_hog': dict(frames=str(clip), detector='hog')}
+  expected = json.loads(EXPECTED.read_text())
+  loaded = infer.load_model(tiny_workdir)
+  for name, kw in runs.items():
+    stats = infer.predict_video(None, str(tmp_path / name), png=False, batch_size=2,
+                                model_and_variables=loaded, **kw)
+    got = json.loads((tmp_path / name / f'{CLIP}.json').read_text())
+    want = expected[name]
+    assert stats['backbone_passes'] == want['backbone_passes'], name
+    assert [im['id'] for im in got['images']] == want['images'], name
+    anns, want_anns = got['annotations'], want['annotations']
+    assert [(a['image_id'], a['track_id']) for a in anns] == [
+        (a['image_id'], a['track_id']) for a in want_anns], name
+    np.testing.assert_allclose([a['keypoints'] for a in anns],
+                               [a['keypoints'] for a in want_anns], atol=1e-3, err_msg=name)
+    np.testing.assert_allclose([a['scores'] for a in anns], [a['scores'] for a in want_anns],
+                               rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def _moving_person_video(path, num_frames, size_hw=(240, 320)):
+  """An mp4 of a bright figure walking right; returns its per-frame boxes (COCO results)."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  h, w = size_hw
+  out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'mp4v'), 25.0, (w, h))
+  boxes = []
+  for t in range(num_frames):
+    img = np.full((h, w, 3), 40, np.uint8)
+    x = 20 + t % (w - 100)  # 1 px per frame: the crop is re-anchored every ~6 frames.
+    img[60:200, x:x + 50] = (200, 180, 160)
+    out.write(img)
+    boxes.append({'image_id': t, 'bbox': [x - 10, 50, 70, 160], 'score': 0.9})
+  out.release()
+  return boxes
+
+
+def test_streaming_memory_is_bounded_by_the_window_on_a_long_video(tiny_workdir, tmp_path):
+  frame_bytes = 240 * 320 * 3
+  loaded = infer.load_model(tiny_workdir)
+  peaks = {}
+  for num_frames in (40, 120):
+    video, box_file = tmp_path / f'walk{num_frames}.mp4', tmp_path / f'boxes{num_frames}.json'
+    box_file.write_text(json.dumps(_moving_person_video(video, num_frames)))
+    tracemalloc.start()
+    try:
+      stats = infer.predict_video(None, str(tmp_path / f'out{num_frames}'), video=str(video),
+                                  boxes=str(box_file), png=False, batch_size=2,
+                                  model_and_variables=loaded)
+      peaks[num_frames] = tracemalloc.get_traced_memory()[1]
+    finally:
+      tracemalloc.stop()
+    assert stats['frames'] == num_frames and stats['people'] == num_frames
+    # Five decoded frames at most (the window), whatever the length; the cache holds one
+    # track's window (twice while its crop is re-anchored).
+    assert stats['max_frames_held'] == 5
+    assert stats['max_cache_entries'] <= 10
+    # Each frame's backbone ran once except where the track's crop moved.
+    assert stats['backbone_passes'] < 2 * num_frames
+  # Every array allocated meanwhile (decoded frames, crops, overlays, heatmaps): tripling
+  # the length adds at most a frame's worth (the per-frame results), where holding the
+  # clip would add 80 frames.
+  assert peaks[120] < peaks[40] + frame_bytes, {k: v / frame_bytes for k, v in peaks.items()}
+  assert peaks[120] < 30 * frame_bytes, peaks[120] / frame_bytes

@@ -1,7 +1,9 @@
 """The package layout's promises: one direction of imports, safe names, working aliases."""
 
 import ast
+import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -70,10 +72,14 @@ def test_tfds_command_line_finds_the_builder_in_the_datasets_folder():
 
 
 def test_old_module_names_are_the_moved_modules():
-  from tdmi_jax import batch_eval, evaluate, infer  # pylint: disable=g-import-not-at-top
-  from tdmi_jax.evaluation import batch_eval as new_batch_eval  # pylint: disable=g-import-not-at-top
-  from tdmi_jax.evaluation import evaluate as new_evaluate  # pylint: disable=g-import-not-at-top
-  from tdmi_jax.inference import infer as new_infer  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from tdmi_jax import batch_eval
+  from tdmi_jax import evaluate
+  from tdmi_jax import infer
+  from tdmi_jax.evaluation import batch_eval as new_batch_eval
+  from tdmi_jax.evaluation import evaluate as new_evaluate
+  from tdmi_jax.inference import infer as new_infer
+  # pylint: enable=g-import-not-at-top
   assert evaluate is new_evaluate and batch_eval is new_batch_eval and infer is new_infer
 
 
@@ -89,3 +95,39 @@ def test_python_m_aliases_run_the_moved_command_lines():
     # absl ends --help with status 1, argparse with 0; both print the moved module's help.
     assert proc.returncode in (0, 1) and flag in proc.stdout and doc in proc.stdout, (
         module, proc.stdout[-2000:], proc.stderr[-2000:])
+
+
+def test_documents_link_only_inside_the_repository():
+  problems = []
+  for doc in sorted(ROOT.rglob('*.md')):
+    if '.git' in doc.parts:
+      continue
+    text = doc.read_text()
+    for target in re.findall(r'\]\(([^)\s]+)\)', text):
+      path = target.split('#')[0]
+      if not path or re.match(r'[a-z]+://', path):
+        continue
+      resolved = (doc.parent / path).resolve()
+      if ROOT not in (resolved, *resolved.parents) or not resolved.exists():
+        problems.append(f'{doc.relative_to(ROOT)}: {target}')
+    # The specification and layout notes the project started from live outside the repo.
+    outside = re.findall(r'\S*(?:SPEC|LAYOUT)\.md', text)
+    problems += [f'{doc.relative_to(ROOT)}: {m}' for m in outside]
+  assert not problems
+
+
+def test_missing_real_fixtures_skip_on_a_fresh_clone_and_fail_under_ci(tmp_path):
+  def run(ci):
+    env = {k: v for k, v in os.environ.items() if k != 'CI'}
+    env.update(TDMI_FIXTURES_DIR=str(tmp_path / 'absent'), PYTHONPATH=str(ROOT))
+    if ci:
+      env['CI'] = 'true'
+    return subprocess.run(
+        [sys.executable, '-m', 'pytest', '-q', '-rs', '-p', 'no:cacheprovider',
+         'tests/test_writer.py::test_gt_written_as_predictions_scores_100_on_real_fixtures'],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  fresh, ci = run(False), run(True)
+  assert fresh.returncode == 0, fresh.stdout[-2000:]
+  assert 'SKIPPED [1]' in fresh.stdout and 'real PoseTrack fixtures not found' in fresh.stdout
+  assert ci.returncode != 0, ci.stdout[-2000:]
+  assert 'ERROR' in ci.stdout and 'CI=true: real PoseTrack fixtures not found' in ci.stdout

@@ -2,6 +2,9 @@
 
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from tdmi_jax.data import records
 from tests import fake_posetrack
 
 DETS = 'annotations/test_posetrack18_human_detections.json'
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _build(manual_dir, data_dir, name='t', **kw):
@@ -231,3 +235,15 @@ def test_posetrack21_layout_and_tfds_data_source(pt18_real, tmp_path):
   assert [int(r['image_id']) for r in recs] == [10034180000, 10094730000, 10128340000]
   assert [len(r['keypoints']) for r in recs] == [1, 2, 11]
   assert recs[0]['gt_file'] == b'posetrack_data/val/003418_mpii_test.json'
+
+
+def test_image_id_rule_is_the_same_in_every_process():
+  assert parsers.posetrack_image_id('000342_mpii_test', 7) == 10003420007
+  assert parsers.video_number('my_clip') is None
+  # A name without a video number gets a stand-in number; hash() would differ per process
+  # (PYTHONHASHSEED), and records and prediction files are often written by different ones.
+  code = 'from tdmi_jax.data import parsers; print(parsers.posetrack_image_id("my_clip", 3))'
+  ids = {subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        env=dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(ROOT)),
+                        check=True).stdout.strip() for seed in ('1', '2')}
+  assert ids == {str(parsers.posetrack_image_id('my_clip', 3))}

@@ -8,14 +8,17 @@ import pytest
 from tdmi_jax import keypoints
 from tdmi_jax.evaluation import posetrack_map
 
-CASES = ('case1', 'case2', 'case3', 'case4')
+# case3/case4 are synthetic (tests/testdata); case1/case2 are built on real PoseTrack18 files.
+CASES = (('case1', 'poseval_golden_real'), ('case2', 'poseval_golden_real'),
+         ('case3', 'poseval_golden'), ('case4', 'poseval_golden'))
 
 
 # --- Golden cases (numbers printed by the official poseval) ------------------------------
 
 
-@pytest.mark.parametrize('case', CASES)
-def test_golden_case_matches_official_poseval(poseval_golden, case):
+@pytest.mark.parametrize('case, where', CASES)
+def test_golden_case_matches_official_poseval(case, where, request):
+  poseval_golden = request.getfixturevalue(where)
   expected = json.loads((poseval_golden / case / 'expected.json').read_text())
   got = posetrack_map.evaluate_dirs(str(poseval_golden / case / 'gt'),
                                     str(poseval_golden / case / 'pred'))

@@ -253,7 +253,8 @@ def _check_window(data_cfg):
 
 def _process_slice(global_batch_size, process_index, process_count, device_count):
   process_index = jax.process_index() if process_index is None else process_index
-  per = sharding.check_batch_size(global_batch_size, device_count=device_count or jax.device_count(),
+  per = sharding.check_batch_size(global_batch_size,
+                                  device_count=device_count or jax.device_count(),
                                   process_count=process_count)
   return process_index * per, per
 

@@ -16,12 +16,13 @@ every other name (PoseTrack18/21's 6 digits) is 0-indexed.
 """
 
 import dataclasses
-import json
 import os
 import re
+import zlib
 
 import numpy as np
 
+from tdmi_jax import fileio
 from tdmi_jax import keypoints
 
 NUM_JOINTS = keypoints.NUM_JOINTS
@@ -62,16 +63,6 @@ class Video:
 
 
 # --- Small helpers -----------------------------------------------------------------------
-
-
-def load_json(path):
-  try:
-    with open(path, 'rb') as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise BadInputError(f'{path}: file not found') from None
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise BadInputError(f'{path}: malformed JSON ({e})') from None
 
 
 def _scalar(v, default=None):
@@ -117,10 +108,22 @@ def window_files(video, frame, offsets):
   return files[:half] + [frame.file_name] + files[half:]
 
 
-def posetrack_image_id(seq_name, frame_index):
-  """PoseTrack18's id rule: int('1' + 6-digit video number + 4-digit frame index)."""
+def video_number(seq_name):
+  """The video number a PoseTrack sequence name starts with ('000342_mpii_test' -> 342),
+  or None for a name without one (a user's own video)."""
   m = re.match(r'(\d+)', seq_name)
-  num = int(m.group(1)) if m else abs(hash(seq_name)) % 1000000
+  return int(m.group(1)) if m else None
+
+
+def posetrack_image_id(seq_name, frame_index):
+  """PoseTrack18's id rule: int('1' + 6-digit video number + 4-digit frame index).
+
+  A name without a leading number gets a stable stand-in number (CRC-32 of the name), the
+  same in every process, so records and prediction files built apart still agree.
+  """
+  num = video_number(seq_name)
+  if num is None:
+    num = zlib.crc32(seq_name.encode()) % 1000000
   return int(f'1{num:06d}{frame_index:04d}')
 
 
@@ -156,7 +159,7 @@ def _coco_person(ann, path):
 
 def parse_coco(path, rel_path='', data=None):
   """A per-video or merged 2018-format JSON -> list of Video (grouped by sequence)."""
-  d = load_json(path) if data is None else data
+  d = fileio.load_json(path, BadInputError) if data is None else data
   if not isinstance(d, dict) or not isinstance(d.get('images'), list):
     raise BadInputError(f'{path}: expected a COCO-like dict with an "images" list')
   by_image = {}
@@ -199,7 +202,7 @@ def parse_coco(path, rel_path='', data=None):
 
 def parse_annolist(path, rel_path='', data=None):
   """A PoseTrack17 per-video annolist JSON -> [Video]."""
-  d = load_json(path) if data is None else data
+  d = fileio.load_json(path, BadInputError) if data is None else data
   annolist = d.get('annolist') if isinstance(d, dict) else None
   if not isinstance(annolist, list):
     raise BadInputError(f'{path}: expected a dict with an "annolist" list')
@@ -247,7 +250,7 @@ def parse_annolist(path, rel_path='', data=None):
 
 def parse_annotation_file(path, rel_path=''):
   """Per-file format detection: 'annolist' key -> 2017, else 2018 COCO-like."""
-  d = load_json(path)
+  d = fileio.load_json(path, BadInputError)
   if isinstance(d, dict) and 'annolist' in d:
     return parse_annolist(path, rel_path, d)
   return parse_coco(path, rel_path, d)
@@ -332,6 +335,40 @@ def _name_key(file_name):
   return '/'.join(parts[-2:])
 
 
+def read_box_entries(path):
+  """The person boxes of a COCO-results or DCPose-list file, checked.
+
+  Returns a list of (key, (x, y, w, h, score)) where key is ('id', image_id) for COCO
+  results or ('name', image_name) for the DCPose list; non-person categories are dropped.
+  A malformed file or entry (no 4-number bbox, a non-finite number, no image key) is a
+  BadInputError naming the file and the entry.
+  """
+  entries = fileio.load_json(path, BadInputError)
+  if isinstance(entries, dict) and isinstance(entries.get('annotations'), list):
+    entries = entries['annotations']
+  if not isinstance(entries, list):
+    raise BadInputError(f'{path}: a box file must hold a list of boxes')
+  out = []
+  for k, e in enumerate(entries):
+    if not isinstance(e, dict) or not isinstance(e.get('bbox'), list) or len(e['bbox']) != 4:
+      raise BadInputError(f'{path}: entry {k} has no 4-number "bbox"')
+    try:
+      values = [float(b) for b in e['bbox']] + [float(e.get('score', 1.0))]
+      key = (('name', str(e['image_name'])) if 'image_name' in e
+             else ('id', int(e['image_id'])) if 'image_id' in e else None)
+      category = int(e.get('category_id', 1))
+    except (TypeError, ValueError, OverflowError) as err:
+      raise BadInputError(f'{path}: entry {k} has a non-numeric bbox, score, image_id or '
+                          f'category_id ({err})') from None
+    if key is None:
+      raise BadInputError(f'{path}: entry {k} has neither "image_id" nor "image_name"')
+    if not np.isfinite(values).all():
+      raise BadInputError(f'{path}: entry {k} has a non-finite bbox or score: {values}')
+    if category == 1:
+      out.append((key, tuple(values)))
+  return out
+
+
 def load_boxes(path, videos, on_bad_input='error', log=None):
   """Reads a COCO-results or DCPose-list box file -> {image_id: float32 [n, 5] (x,y,w,h,s)}.
 
@@ -339,11 +376,6 @@ def load_boxes(path, videos, on_bad_input='error', log=None):
   path components (DCPose list). A box naming a frame that is not in `videos` is an error
   (or skipped and counted under on_bad_input='skip').
   """
-  entries = load_json(path)
-  if isinstance(entries, dict) and isinstance(entries.get('annotations'), list):
-    entries = entries['annotations']
-  if not isinstance(entries, list):
-    raise BadInputError(f'{path}: a box file must hold a list of boxes')
   by_id, by_name = {}, {}
   for v in videos:
     for f in v.frames:
@@ -351,22 +383,12 @@ def load_boxes(path, videos, on_bad_input='error', log=None):
       by_name[_name_key(f.file_name)] = f.image_id
   out = {}
   unknown = []
-  for k, e in enumerate(entries):
-    if not isinstance(e, dict) or 'bbox' not in e or len(e['bbox']) != 4:
-      raise BadInputError(f'{path}: entry {k} has no 4-number "bbox"')
-    if 'image_name' in e:
-      image_id = by_name.get(_name_key(e['image_name']))
-    elif 'image_id' in e:
-      image_id = by_id.get(int(e['image_id']))
-    else:
-      raise BadInputError(f'{path}: entry {k} has neither "image_id" nor "image_name"')
+  for (kind, value), box in read_box_entries(path):
+    image_id = by_name.get(_name_key(value)) if kind == 'name' else by_id.get(value)
     if image_id is None:
-      unknown.append(e.get('image_name', e.get('image_id')))
+      unknown.append(value)
       continue
-    if int(e.get('category_id', 1)) != 1:
-      continue
-    x, y, w, h = (float(b) for b in e['bbox'])
-    out.setdefault(image_id, []).append((x, y, w, h, float(e.get('score', 1.0))))
+    out.setdefault(image_id, []).append(box)
   if unknown:
     msg = (f'{path}: {len(unknown)} boxes name frames that are not in the annotations '
            f'(first: {unknown[0]!r})')

@@ -2,7 +2,7 @@
 
 Everything is drawn at `SS`x supersampling and box-downsampled, so a point at image
 coordinate x (pixel centres at integers, as in PoseTrack) is drawn at `SS*x + (SS-1)/2`.
-Joint arrays are float [17, 2] in PoseTrack slot order (`configs/common.py`).
+Joint arrays are float [17, 2] in PoseTrack slot order (`tdmi_jax/keypoints.py`).
 """
 
 import dataclasses

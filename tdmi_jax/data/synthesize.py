@@ -34,6 +34,7 @@ from PIL import Image
 from PIL import ImageDraw
 
 from tdmi_jax import keypoints
+from tdmi_jax.data import parsers
 from tdmi_jax.data import render
 
 PRESETS = {
@@ -52,11 +53,6 @@ CATEGORY_SKELETON = [[16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], 
                      [6, 7], [6, 8], [7, 9], [8, 10], [9, 11], [2, 3], [1, 2], [1, 3],
                      [2, 4], [3, 5], [4, 6], [5, 7]]
 ANNOTATED = np.array([k not in (3, 4) for k in range(keypoints.NUM_JOINTS)])
-
-
-def image_id(video_number, frame_index):
-  """PoseTrack18 id rule: int('1' + 6-digit video number + 4-digit frame index)."""
-  return int(f'1{video_number:06d}{frame_index:04d}')
 
 
 # --- Planning: what each video contains ----------------------------------------------
@@ -381,7 +377,7 @@ def _write_video(plan, root, size, markers, det_rng):
   for t in range(plan.frames):
     file_name = f'images/{plan.split}/{plan.name}/{t:06d}.jpg'
     _render_frame(plan, t, size, markers).save(root / file_name, quality=JPEG_QUALITY)
-    img_id = image_id(plan.number, t)
+    img_id = parsers.posetrack_image_id(plan.name, t)
     regions = ([], [])
     if plan.labeled[t] and plan.distractor is not None:
       xs, ys = _ignore_region(plan.distractor, t, size)

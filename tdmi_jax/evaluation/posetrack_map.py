@@ -106,9 +106,22 @@ def first_value(value):
 def _number(value, what, name):
   value = first_value(value)
   try:
-    return float(value)
-  except (TypeError, ValueError):
-    raise EvalInputError(f'{name}: {what} is not a number: {value!r}') from None
+    number = float(value)
+  except (TypeError, ValueError, OverflowError):
+    raise EvalInputError(f'{name}: {what} is not a number a float can hold: '
+                         f'{str(value)[:40]!r}') from None
+  if not np.isfinite(number):
+    raise EvalInputError(f'{name}: {what} is non-finite ({value!r}): NaN or Infinity '
+                         'cannot be ranked or matched')
+  return number
+
+
+def _check_finite(values, rows, what, name):
+  """values [n, ...]: the first row holding NaN or Infinity is an error naming it."""
+  bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
+  if bad.size:
+    raise EvalInputError(f'{name}: {what.format(rows[bad[0]])} holds a non-finite value '
+                         '(NaN or Infinity), which cannot be ranked or matched')
 
 
 def _polygons_2018(info, name):
@@ -119,9 +132,12 @@ def _polygons_2018(info, name):
     for xs, ys in zip(info['ignore_regions_x'], info['ignore_regions_y']):
       n = min(len(xs), len(ys))
       polys.append(np.asarray([xs[:n], ys[:n]], dtype=np.float64).T.reshape(n, 2))
-  except (TypeError, ValueError) as e:
+  except (TypeError, ValueError, OverflowError) as e:
     raise EvalInputError(f'{name}: malformed ignore regions in image '
                          f'{info.get("id")!r} ({e})') from None
+  if polys and not all(np.isfinite(p).all() for p in polys):
+    raise EvalInputError(f'{name}: the ignore regions of image {info.get("id")!r} hold a '
+                         'non-finite value (NaN or Infinity)')
   return polys
 
 
@@ -182,43 +198,53 @@ def _read_2018(data, name):
     kps[:] = np.array([annotations[a]['keypoints'] for a in order],
                       dtype=np.float64).reshape(n, num_kp, 3)
     kp_done = True
-  except (KeyError, TypeError, ValueError):
+  except (KeyError, TypeError, ValueError, OverflowError):
     kp_done = False
   sc_lists = [annotations[a].get('scores') for a in order]
   try:
     full = [r for r, sc in enumerate(sc_lists) if sc and len(sc) == num_kp]
     if full:
-      scores[full] = np.array([sc_lists[r] for r in full], dtype=np.float64)[:, slots]
+      values = np.array([sc_lists[r] for r in full], dtype=np.float64)
+      _check_finite(values, [order[r] for r in full], 'annotations[{}].scores', name)
+      scores[full] = values[:, slots]
     sc_done = set(full)
-  except (TypeError, ValueError):
+  except (TypeError, ValueError, OverflowError) as e:
+    if isinstance(e, EvalInputError):
+      raise
     sc_done = set()
   for row, a in enumerate(order):
     ann = annotations[a]
     if not kp_done:
       try:
         kps[row] = np.asarray(ann.get('keypoints'), dtype=np.float64).reshape(num_kp, 3)
-      except (TypeError, ValueError):
+      except (TypeError, ValueError, OverflowError):
         raise EvalInputError(
-            f'{name}: annotations[{a}].keypoints must hold {3 * num_kp} numbers') from None
+            f'{name}: annotations[{a}].keypoints must hold {3 * num_kp} numbers a float can '
+            'hold') from None
     sc = sc_lists[row]
     if sc and row not in sc_done:
       if len(sc) < num_kp:
         raise EvalInputError(f'{name}: annotations[{a}].scores has {len(sc)} values, '
                              f'needs {num_kp}')
       try:
-        scores[row] = np.asarray(sc, dtype=np.float64)[slots]
-      except (TypeError, ValueError):
-        raise EvalInputError(f'{name}: annotations[{a}].scores are not numbers') from None
+        values = np.asarray(sc, dtype=np.float64)
+      except (TypeError, ValueError, OverflowError):
+        raise EvalInputError(f'{name}: annotations[{a}].scores are not numbers a float can '
+                             'hold') from None
+      _check_finite(values[None, :num_kp], [a], 'annotations[{}].scores', name)
+      scores[row] = values[slots]
     hb = ann.get('bbox_head')
     if hb is not None:
       try:
         x, y, w, h = (float(v) for v in hb)
-      except (TypeError, ValueError):
+      except (TypeError, ValueError, OverflowError):
         raise EvalInputError(f'{name}: annotations[{a}].bbox_head must be [x, y, w, h]'
                              ) from None
       head[row] = (x, y, x + w, y + h)
+      _check_finite(head[row:row + 1], [a], 'annotations[{}].bbox_head', name)
     track.append(ann.get('track_id'))
 
+  _check_finite(kps, order, 'annotations[{}].keypoints', name)
   kp = kps[:, slots]
   # An unannotated landmark is stored as (0, 0, 0) and is dropped; nothing else is.
   present = ~((kp[..., 0] == 0) & (kp[..., 1] == 0) & (kp[..., 2] == 0))
@@ -244,8 +270,8 @@ def _read_2017(data, name):
     for region in fr.get('ignore_regions') or []:
       pts = (region.get('point') or []) if isinstance(region, dict) else []
       polys.append(np.array(
-          [[_number(p.get('x'), 'ignore point x', name),
-            _number(p.get('y'), 'ignore point y', name)] for p in pts],
+          [[_number(p.get('x'), f'annolist[{f}] ignore point x', name),
+            _number(p.get('y'), f'annolist[{f}] ignore point y', name)] for p in pts],
           dtype=np.float64).reshape(-1, 2))
     ignore.append(polys)
     for rect in annorect:
@@ -261,14 +287,14 @@ def _read_2017(data, name):
         pid = first_value(p.get('id'))
         try:
           pid = float(pid)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
           pid = np.nan
         score = first_value(p['score']) if 'score' in p else MIN_SCORE
-        points.append((pid, _number(p.get('x'), 'point x', name),
-                       _number(p.get('y'), 'point y', name),
-                       _number(score, 'point score', name)))
+        points.append((pid, _number(p.get('x'), f'annolist[{f}] point x', name),
+                       _number(p.get('y'), f'annolist[{f}] point y', name),
+                       _number(score, f'annolist[{f}] point score', name)))
       if all(k in rect for k in ('x1', 'y1', 'x2', 'y2')):
-        heads.append([_number(rect[k], f'head box {k}', name)
+        heads.append([_number(rect[k], f'annolist[{f}] head box {k}', name)
                       for k in ('x1', 'y1', 'x2', 'y2')])
       else:
         heads.append([np.nan] * 4)
@@ -301,7 +327,7 @@ def read_video(data, name='<memory>'):
     return _read_2018(data, name)
   except EvalInputError:
     raise
-  except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+  except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
     raise EvalInputError(f'{name}: malformed PoseTrack file ({type(e).__name__}: {e})'
                          ) from None
 
@@ -609,6 +635,11 @@ def read_pairs(gt_dir, pred_dir):
     raise EvalInputError(f'{pred_dir}: prediction directory does not exist')
   names = [os.path.basename(f) for f in files]
   missing = [n for n in names if not os.path.isfile(os.path.join(pred_dir, n))]
+  for f, n in zip(files, names):
+    if n in missing:
+      # An unreadable GT file (say, notes saved as *.json) is the problem to report, not
+      # its missing prediction.
+      read_video(fileio.load_json(f, EvalInputError), f)
   if missing:
     shown = ', '.join(missing[:10]) + (f' and {len(missing) - 10} more'
                                        if len(missing) > 10 else '')

@@ -2,7 +2,8 @@
 
 The prediction writer runs it on videos whose people have no track id (training eval,
 `--mode=eval`, batch evaluation), with the thresholds of `config.eval.tracker`; `infer` runs
-it on the person boxes (video_io.link_tracks), which give its crops and its written ids.
+it online (`Tracker`, one frame at a time as the video streams) on the person boxes
+(video_io.TrackLinker), which give its crops and its written ids.
 
 Frame by frame, the people of a frame are matched to the live tracks, each represented by
 its last pose (or box), by the assignment of maximum total similarity (Hungarian, scipy's
@@ -70,6 +71,54 @@ def iou_matrix(a, b):
   return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
+class Tracker:
+  """The tracker run online: call it with each frame's people in video order.
+
+  Args: similarity, min_similarity, max_age, min_joint_score: see the module docstring.
+  Holds one pose (or box) per track, never the frames themselves.
+  """
+
+  def __init__(self, similarity='oks', min_similarity=0.3, max_age=2, min_joint_score=0.2):
+    if similarity not in SIMILARITIES:
+      raise ValueError(f'tracker similarity must be one of {SIMILARITIES}, got {similarity!r}')
+    if max_age < 0:
+      raise ValueError(f'tracker max_age must be >= 0, got {max_age}')
+    self.min_similarity = min_similarity
+    self.max_age = max_age
+    self.score = ((lambda a, b: oks_matrix(a, b, min_joint_score)) if similarity == 'oks'
+                  else iou_matrix)
+    self.last, self.seen = [], []  # Per track: last pose (or box), linked frame last seen.
+    self.step = 0
+
+  def __call__(self, people):
+    """People of the next frame (poses [n, K, 3] or boxes [n, >=4]) -> int array [n] of
+    track ids (0, 1, ... in order of appearance)."""
+    people = np.asarray(people, np.float64)
+    ids = np.full(len(people), -1, np.int64)
+    if not len(people):
+      return ids
+    last, seen, step = self.last, self.seen, self.step
+    live = [t for t in range(len(last)) if step - seen[t] - 1 <= self.max_age]
+    if live:
+      sim = self.score(people, np.stack([last[t] for t in live]))
+      # A large cost for pairs below the threshold: the assignment first takes as many
+      # allowed pairs as it can, then the most similar ones.
+      cost = np.where(sim >= self.min_similarity, -sim, 1e6)
+      rows, cols = optimize.linear_sum_assignment(cost)
+      for r, c in zip(rows, cols):
+        if sim[r, c] >= self.min_similarity:
+          ids[r] = live[c]
+    for r in np.flatnonzero(ids < 0):
+      ids[r] = len(last)
+      last.append(None)
+      seen.append(step)
+    for r, t in enumerate(ids):
+      last[t] = people[r]
+      seen[t] = step
+    self.step += 1
+    return ids
+
+
 def link(frames, similarity='oks', min_similarity=0.3, max_age=2, min_joint_score=0.2):
   """Track ids for the people of consecutive frames.
 
@@ -81,37 +130,5 @@ def link(frames, similarity='oks', min_similarity=0.3, max_age=2, min_joint_scor
   Returns:
     Per frame an int array [n] of track ids (0, 1, ... in order of appearance).
   """
-  if similarity not in SIMILARITIES:
-    raise ValueError(f'tracker similarity must be one of {SIMILARITIES}, got {similarity!r}')
-  if max_age < 0:
-    raise ValueError(f'tracker max_age must be >= 0, got {max_age}')
-  score = ((lambda a, b: oks_matrix(a, b, min_joint_score)) if similarity == 'oks'
-           else iou_matrix)
-  last, seen = [], []      # Per track: last pose (or box), linked frame it was last seen.
-  out, step = [], 0
-  for people in frames:
-    people = np.asarray(people, np.float64)
-    ids = np.full(len(people), -1, np.int64)
-    if not len(people):
-      out.append(ids)
-      continue
-    live = [t for t in range(len(last)) if step - seen[t] - 1 <= max_age]
-    if live:
-      sim = score(people, np.stack([last[t] for t in live]))
-      # A large cost for pairs below the threshold: the assignment first takes as many
-      # allowed pairs as it can, then the most similar ones.
-      cost = np.where(sim >= min_similarity, -sim, 1e6)
-      rows, cols = optimize.linear_sum_assignment(cost)
-      for r, c in zip(rows, cols):
-        if sim[r, c] >= min_similarity:
-          ids[r] = live[c]
-    for r in np.flatnonzero(ids < 0):
-      ids[r] = len(last)
-      last.append(None)
-      seen.append(step)
-    for r, t in enumerate(ids):
-      last[t] = people[r]
-      seen[t] = step
-    out.append(ids)
-    step += 1
-  return out
+  track = Tracker(similarity, min_similarity, max_age, min_joint_score)
+  return [track(people) for people in frames]

@@ -15,8 +15,9 @@ float, 'track_id': int or None}, ...]}`. A video in which no person has a track 
 decoder gives none) is linked across its frames by the project's tracker
 (tdmi_jax.evaluation.tracker, thresholds from `tracker_cfg` = config.eval.tracker), so that
 its ids are worth a tracking evaluation; in a video with given ids, a missing or repeated
-id is renumbered to be unique within its frame. Image ids are the GT's `images[].id` (2018 files) or, for
-2017 annolist files, PoseTrack18's id rule on the image name (datasets.posetrack.parsers).
+id is renumbered to be unique within its frame. Image ids are the GT's `images[].id` (2018
+files) or, for 2017 annolist files, PoseTrack18's id rule on the image name
+(`parsers.posetrack_image_id`).
 """
 
 import os

@@ -40,12 +40,13 @@ import time
 import numpy as np
 
 from configs import synthetic as synthetic_config
+from tdmi_jax import keypoints
 from tdmi_jax import train
 from tdmi_jax.data import input_pipeline
 
 VARIANTS = ('single_frame', 'tdmi_no_mi', 'tdmi_kl', 'tdmi_reference', 'tdmi_club')
 SUBSETS = ('clean', 'degraded')
-COLUMNS = ('Head', 'Shou', 'Elb', 'Wri', 'Hip', 'Knee', 'Ankl', 'Total')
+COLUMNS = keypoints.SUMMARY_COLUMNS
 # Steps per model and seeds of the full experiment (a TDMI step takes ~1.7-2.5 s at batch
 # 16 on the shared 2-core CPU). Clipping (same for all) only bounds the MI variants' steps;
 # the baseline's gradient norms are ~0.01.

@@ -5,19 +5,23 @@ r"""Run a trained TDMI on a video or a folder of frames.
 
 Writes `OUT/<name>.json` (PoseTrack18 format: every frame, people with keypoints[51],
 scores[17], track_id: the project's tracker on the person boxes, see
-`video_io.link_tracks`), `OUT/overlay.mp4` and `OUT/frames/%06d.png` (skeleton coloured by
-joint confidence), and `OUT/stats.json` (frames/s, backbone passes).
+`video_io.TrackLinker`), `OUT/overlay.mp4` and `OUT/frames/%06d.png` (skeleton coloured by
+joint confidence), and `OUT/stats.json` (frames/s, backbone passes, the most frames and
+cached backbone outputs held at once).
 
 Person boxes come from --boxes (COCO results or DCPose list format), else from OpenCV's HOG
 people detector (`--detector=hog`) or the whole frame (`--detector=whole_frame`), with a
 warning: neither is a substitute for a real person detector.
 
-Streaming feature cache: the backbone runs once per (crop, frame) and every window that
-contains the frame reuses its outputs, instead of five backbone passes per window. A window
-crops its five frames with one affine transform from an anchor box (as in training); a
-track holds its anchor while its box stays close, so consecutive windows share crops (see
-`video_io.crop_anchors`). `--no_cache` runs the plain per-window model for comparison; both
-give the same heatmaps for the same anchors.
+Streaming: frames are decoded as the window reaches them, and a frame is released once
+the last window containing it is done, so at most five decoded frames are held whatever
+the video's length. The feature cache: the backbone runs once per (crop, frame) and every
+window that contains the frame reuses its outputs, instead of five backbone passes per
+window; outputs older than the window are evicted. A window crops its five frames with one
+affine transform from an anchor box (as in training); a track holds its anchor while its
+box stays close, so consecutive windows share crops (see `video_io.CropAnchors`).
+`--no_cache` runs the plain per-window model for comparison; both give the same heatmaps
+for the same anchors.
 """
 
 import functools
@@ -39,6 +43,7 @@ import tqdm
 
 from tdmi_jax import checkpointing
 from tdmi_jax import fileio
+from tdmi_jax.data import parsers
 from tdmi_jax.data import transforms
 from tdmi_jax.evaluation import decode
 from tdmi_jax.evaluation import overlay
@@ -94,11 +99,14 @@ def load_model(path):
 
 
 class Cropper:
-  """Crops (anchor box, frame) pairs at the model's input size, normalised."""
+  """Crops (anchor box, frame) pairs at the model's input size, normalised.
 
-  def __init__(self, clip, data_cfg, mirror=False):
+  `images` maps frame index -> PIL image: the frames currently held by the stream.
+  """
+
+  def __init__(self, images, data_cfg, mirror=False):
     self.mirror = mirror  # The flip test's second input.
-    self.images = [Image.fromarray(f) for f in clip.frames]
+    self.images = images
     self.size_hw = tuple(data_cfg.image_size)
     self.aspect = float(data_cfg.aspect_ratio)
     self.enlarge = float(data_cfg.box_enlarge)
@@ -169,6 +177,10 @@ class CachedRunner:
       out.append(np.asarray(_head(self.model, self.variables, hm, feats))[:len(chunk)])
     return np.concatenate(out) if out else None
 
+  @property
+  def cache_size(self):
+    return len(self.cache)
+
   def evict_before(self, frame):
     for k in [k for k in self.cache if k[1] < frame]:
       del self.cache[k]
@@ -194,6 +206,8 @@ class PlainRunner:
       self.backbone_passes += 5 * len(chunk)
     return np.concatenate(out) if out else None
 
+  cache_size = 0
+
   def evict_before(self, frame):
     del frame
 
@@ -201,65 +215,84 @@ class PlainRunner:
 # --- Overlays -----------------------------------------------------------------------------
 
 
-def write_overlays(out_dir, clip, people_per_frame, png=True):
-  import cv2  # pylint: disable=g-import-not-at-top
-  h, w = clip.frames.shape[1:3]
-  video_path = os.path.join(out_dir, 'overlay.mp4')
-  vw = cv2.VideoWriter(video_path, cv2.VideoWriter_fourcc(*'mp4v'), clip.fps, (w, h))
-  if png:
-    os.makedirs(os.path.join(out_dir, 'frames'), exist_ok=True)
-  for t, frame in enumerate(clip.frames):
-    img = overlay.draw(frame, people_per_frame[t])
-    vw.write(np.ascontiguousarray(img[..., ::-1]))
+class OverlayWriter:
+  """overlay.mp4 (and frames/%06d.png), written frame by frame as predictions arrive."""
+
+  def __init__(self, out_dir, fps, png=True):
+    self.out_dir = out_dir
+    self.fps = fps
+    self.png = png
+    self.path = os.path.join(out_dir, 'overlay.mp4')
+    self.video = None
     if png:
-      Image.fromarray(img).save(os.path.join(out_dir, 'frames', f'{t:06d}.png'))
-  vw.release()
-  return video_path
+      os.makedirs(os.path.join(out_dir, 'frames'), exist_ok=True)
+
+  def write(self, t, frame, people):
+    import cv2  # pylint: disable=g-import-not-at-top
+    img = overlay.draw(frame, people)
+    if self.video is None:
+      h, w = img.shape[:2]
+      self.video = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*'mp4v'), self.fps, (w, h))
+    self.video.write(np.ascontiguousarray(img[..., ::-1]))
+    if self.png:
+      Image.fromarray(img).save(os.path.join(self.out_dir, 'frames', f'{t:06d}.png'))
+
+  def close(self):
+    if self.video is not None:
+      self.video.release()
 
 
 # --- Driver -------------------------------------------------------------------------------
 
 
 def predict_video(checkpoint, out_dir, *, video=None, frames=None, boxes=None, detector='hog',
-        box_score_thresh=0.2, reanchor_iou=0.85, use_cache=True, flip_test=False,
-        decode_method='quarter', batch_size=8, png=True, model_and_variables=None):
+                  box_score_thresh=0.2, reanchor_iou=0.85, use_cache=True, flip_test=False,
+                  decode_method='quarter', batch_size=8, png=True, model_and_variables=None):
   """Runs TDMI over every frame of a clip; returns the stats dict also written to stats.json."""
   if (video is None) == (frames is None):
     raise ValueError('Give exactly one of --video and --frames')
   # --- Inputs -------------------------------------------------------------------------
-  clip = video_io.read_video(video) if video else video_io.read_frames_dir(frames)
+  source = video_io.open_video(video) if video else video_io.open_frames_dir(frames)
   if model_and_variables is None:
     model, variables, config = load_model(checkpoint)
   else:
     model, variables, config = model_and_variables
   if boxes:
-    per_frame = video_io.load_boxes(boxes, clip, box_score_thresh)
+    box_file = video_io.BoxFile(boxes, source.seq_name, source.names, box_score_thresh)
+    if source.frame_count:  # Fails before any work when no box names a frame.
+      box_file.check(source.frame_count, source.seq_name)
+    find_boxes = lambda t, img: box_file(t)
   elif detector == 'hog':
     logging.warning('No --boxes: using OpenCV\'s HOG people detector, far weaker than the '
                     'detectors PoseTrack results use. Pass --boxes for real results.')
-    per_frame = video_io.detect_people(clip, 0.0)
+    hog = video_io.HogDetector(0.0)
+    find_boxes = lambda t, img: hog(img)
   else:
     logging.warning('No --boxes: treating the whole frame as one person box.')
-    per_frame = video_io.whole_frame_boxes(clip)
-  track_ids = video_io.link_tracks(per_frame)
-  anchor_boxes, anchor_ids = video_io.crop_anchors(per_frame, track_ids, reanchor_iou)
-  anchors = {}
-  for a_boxes, a_ids in zip(anchor_boxes, anchor_ids):
-    anchors.update({int(i): b for i, b in zip(a_ids, a_boxes)})
+    find_boxes = lambda t, img: video_io.whole_frame_box(img)
+  link = video_io.TrackLinker()
+  anchor = video_io.CropAnchors(reanchor_iou)
 
-  # --- Model over every frame ------------------------------------------------------------
-  cropper = Cropper(clip, config.data)
+  # --- Model over the stream ---------------------------------------------------------
+  # Per frame, while its windows are pending: the image, its boxes, track and anchor ids,
+  # anchor boxes. Key frame t is run once frame t+2 has arrived (or the stream has ended).
+  held, per_frame = {}, {}
+  cropper = Cropper(held, config.data)
   runner_cls = CachedRunner if use_cache else PlainRunner
   runner = runner_cls(model, variables, batch_size)
   if flip_test:
-    mirrored_cropper = Cropper(clip, config.data, mirror=True)
+    mirrored_cropper = Cropper(held, config.data, mirror=True)
     mirrored_runner = runner_cls(model, variables, batch_size)
-  n = len(clip.names)
+  os.makedirs(out_dir, exist_ok=True)
+  overlays = OverlayWriter(out_dir, source.fps, png)
   people_per_frame = []
-  start = time.perf_counter()
-  for t in tqdm.tqdm(range(n), desc='frames', unit='frame'):
-    window = video_io.window_indices(t, n)
-    windows = [(int(a), window) for a in anchor_ids[t]]
+  peak = {'frames_held': 0, 'cache_entries': 0}
+
+  def run_key_frame(t, num_frames):
+    boxes_t, tracks_t, anchors_t, anchor_ids_t = per_frame[t]
+    anchors = dict(zip((int(a) for a in anchor_ids_t), anchors_t))
+    window = video_io.window_indices(t, num_frames)
+    windows = [(int(a), window) for a in anchor_ids_t]
     people = []
     if windows:
       heatmaps = runner.heatmaps(windows, cropper, anchors)
@@ -267,32 +300,66 @@ def predict_video(checkpoint, out_dir, *, video=None, frames=None, boxes=None, d
         flipped = mirrored_runner.heatmaps(windows, mirrored_cropper, anchors)
         heatmaps = decode.fuse_flip(heatmaps, flipped)
       cs = [cropper.center_scale(anchors[a]) for a, _ in windows]
-      box_scores = per_frame[t][:, 4]
+      box_scores = boxes_t[:, 4]
       kp = decode.decode(heatmaps, np.stack([c for c, _ in cs]), np.stack([s for _, s in cs]),
                          None, box_scores, decode_method)
       scores = decode.person_score(kp, box_scores)
-      people = [{'keypoints': kp[i], 'score': float(scores[i]), 'track_id': int(track_ids[t][i]),
+      people = [{'keypoints': kp[i], 'score': float(scores[i]), 'track_id': int(tracks_t[i]),
                  'box_score': float(box_scores[i])} for i in range(len(windows))]
     people_per_frame.append(people)
-    runner.evict_before(t - 1)  # The next window starts at t-1.
+    overlays.write(t, np.asarray(held[t]), people)
+    peak['cache_entries'] = max(peak['cache_entries'], runner.cache_size + (
+        mirrored_runner.cache_size if flip_test else 0))
+    # The next window starts at t-1: older frames and their features are never used again.
+    for old in [f for f in held if f < t - 1]:
+      del held[old], per_frame[old]
+    runner.evict_before(t - 1)
     if flip_test:
       mirrored_runner.evict_before(t - 1)
+
+  start = time.perf_counter()
+  n = 0
+  next_key = 0
+  try:
+    for img in tqdm.tqdm(source, total=source.frame_count or None, desc='frames', unit='frame'):
+      boxes_n = find_boxes(n, img)
+      tracks_n = link(boxes_n)
+      anchors_n, anchor_ids_n = anchor(boxes_n, tracks_n)
+      held[n] = Image.fromarray(img)
+      per_frame[n] = (boxes_n, tracks_n, anchors_n, anchor_ids_n)
+      peak['frames_held'] = max(peak['frames_held'], len(held))
+      del img
+      n += 1
+      # Frames up to n-1 exist, so key frame n-3's window (up to n-1) is complete.
+      while next_key <= n - 3:
+        run_key_frame(next_key, n)
+        next_key += 1
+    while next_key < n:  # The last two key frames, whose windows repeat the key frame.
+      run_key_frame(next_key, n)
+      next_key += 1
+  finally:
+    overlays.close()
   elapsed = time.perf_counter() - start
+  if boxes:
+    box_file.check(n, source.seq_name, final=True)
 
   # --- Outputs ---------------------------------------------------------------------------
-  os.makedirs(out_dir, exist_ok=True)
-  image_ids = [video_io.posetrack_image_id(clip.seq_name, t) or t for t in range(n)]
-  images = [{'id': image_ids[t], 'file_name': clip.names[t], 'frame_id': image_ids[t],
+  names = [source.name(t) for t in range(n)]
+  if parsers.video_number(source.seq_name) is not None:
+    image_ids = [parsers.posetrack_image_id(source.seq_name, t) for t in range(n)]
+  else:  # A user's own video: the frame index.
+    image_ids = list(range(n))
+  images = [{'id': image_ids[t], 'file_name': names[t], 'frame_id': image_ids[t],
              'nframes': n, 'is_labeled': True} for t in range(n)]
   preds = {image_ids[t]: people_per_frame[t] for t in range(n)}
-  json_path = os.path.join(out_dir, f'{clip.seq_name}.json')
+  json_path = os.path.join(out_dir, f'{source.seq_name}.json')
   writer.write_video(json_path, images, preds)
-  video_path = write_overlays(out_dir, clip, people_per_frame, png)
   stats = {'frames': n, 'people': int(sum(len(p) for p in people_per_frame)),
            'backbone_passes': runner.backbone_passes + (
                mirrored_runner.backbone_passes if flip_test else 0), 'seconds': elapsed,
            'frames_per_sec': n / max(elapsed, 1e-9), 'cache': use_cache,
-           'predictions': json_path, 'overlay': video_path}
+           'max_frames_held': peak['frames_held'], 'max_cache_entries': peak['cache_entries'],
+           'predictions': json_path, 'overlay': overlays.path}
   fileio.write_json(os.path.join(out_dir, 'stats.json'), stats)
   return stats
 

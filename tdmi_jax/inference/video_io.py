@@ -1,19 +1,21 @@
-"""Frames, person boxes and tracks for running TDMI on a user's video.
+"""Frames, person boxes and tracks for running TDMI on a user's video, one frame at a time.
 
-Everything here is model-free so `tdmi_jax.infer` stays a short driver: reading a video or a
-frame folder, reading box files in the two formats PoseTrack tools use, the offline fallback
-detector, linking boxes into tracks, and the crop anchors that let the streaming feature
-cache reuse backbone features across windows.
+Everything here is model-free so `tdmi_jax.inference.infer` stays a short driver: frame
+sources that decode a video or a frame folder lazily (nothing holds the whole clip), box
+files in the two formats PoseTrack tools use, the offline fallback detector, online track
+linking (the project's tracker on box IoU), and the crop anchors that let the streaming
+feature cache reuse backbone features across windows.
 """
 
 import dataclasses
-import json
 import logging
 import pathlib
 import re
+from typing import Callable, Iterator
 
 import numpy as np
 
+from tdmi_jax.data import parsers
 from tdmi_jax.evaluation import tracker
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
@@ -23,15 +25,28 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
 
 
 @dataclasses.dataclass
-class Clip:
-  """A decoded clip: RGB uint8 frames [N, H, W, 3] and the names used to match boxes."""
-  frames: np.ndarray
-  names: list  # Per frame: the file name ('000003.jpg') or a synthetic one for videos.
-  fps: float
+class FrameSource:
+  """A clip whose frames are decoded one at a time, in order, by iterating it.
+
+  Iterating yields RGB uint8 frames [H, W, 3]; only the frame being yielded is held here.
+  `frame_count` is exact for a folder and the container's estimate for a video (some
+  containers misreport it; the frames actually decoded are what counts).
+  """
   seq_name: str
+  fps: float
+  frame_count: int
+  names: list | None  # A folder's file names; None for a video (names are '%06d.jpg').
+  _frames: Callable[[], Iterator[np.ndarray]]
+
+  def __iter__(self):
+    return self._frames()
+
+  def name(self, t):
+    return self.names[t] if self.names is not None else f'{t:06d}.jpg'
 
 
-def read_frames_dir(path):
+def open_frames_dir(path):
+  """The image files of a folder, sorted by name, as a FrameSource."""
   import cv2  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path)
   if not path.is_dir():
@@ -39,18 +54,23 @@ def read_frames_dir(path):
   files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
   if not files:
     raise ValueError(f'--frames: no image files ({", ".join(IMAGE_SUFFIXES)}) in {path}')
-  frames = []
-  for f in files:
-    img = cv2.imread(str(f), cv2.IMREAD_COLOR)
-    if img is None:
-      raise ValueError(f'Cannot decode image {f} (corrupt or not an image)')
-    if frames and img.shape != frames[0].shape:
-      raise ValueError(f'{f} has size {img.shape[:2]}, other frames {frames[0].shape[:2]}')
-    frames.append(img[..., ::-1])
-  return Clip(np.stack(frames), [f.name for f in files], 25.0, path.name)
+
+  def frames():
+    shape = None
+    for f in files:
+      img = cv2.imread(str(f), cv2.IMREAD_COLOR)
+      if img is None:
+        raise ValueError(f'Cannot decode image {f} (corrupt or not an image)')
+      if shape is not None and img.shape != shape:
+        raise ValueError(f'{f} has size {img.shape[:2]}, the first frame {shape[:2]}')
+      shape = img.shape
+      yield np.ascontiguousarray(img[..., ::-1])
+
+  return FrameSource(path.name, 25.0, len(files), [f.name for f in files], frames)
 
 
-def read_video(path):
+def open_video(path):
+  """A video file as a FrameSource (decoded by OpenCV as it is read)."""
   import cv2  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path)
   if not path.is_file():
@@ -59,97 +79,109 @@ def read_video(path):
   if not cap.isOpened():
     raise ValueError(f'Cannot open video {path}')
   fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
-  frames = []
-  while True:
-    ok, img = cap.read()
-    if not ok:
-      break
-    frames.append(img[..., ::-1])
+  count = max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0))
   cap.release()
-  if not frames:
-    raise ValueError(f'Video {path} has no decodable frames')
-  names = [f'{i:06d}.jpg' for i in range(len(frames))]
-  return Clip(np.stack(frames), names, float(fps), path.stem)
+
+  def frames():
+    cap = cv2.VideoCapture(str(path))
+    try:
+      n = 0
+      while True:
+        ok, img = cap.read()
+        if not ok:
+          break
+        n += 1
+        yield np.ascontiguousarray(img[..., ::-1])
+      if not n:
+        raise ValueError(f'Video {path} has no decodable frames')
+    finally:
+      cap.release()
+
+  return FrameSource(path.stem, float(fps), count, None, frames)
 
 
 # --- Boxes ----------------------------------------------------------------------------
 
 
-def posetrack_image_id(seq_name, frame_index):
-  """PoseTrack18's id rule: '1' + the 6-digit video number + the 4-digit frame index."""
-  m = re.match(r'(\d{6})', seq_name)
-  if not m:
-    return None
-  return int(f'1{m.group(1)}{frame_index:04d}')
-
-
-def load_boxes(path, clip, score_thresh=0.0):
-  """Reads person boxes for `clip` -> list (per frame) of float arrays [n, 5] (x, y, w, h, s).
+class BoxFile:
+  """Person boxes of a clip from a box file, looked up per frame as frames arrive.
 
   Accepts COCO results (`image_id`, `bbox`, `score`) whose image ids are either frame
-  indices or PoseTrack18 image ids, and the DCPose list format (`image_name`, `bbox`,
-  `score`) whose names end with the frame file name.
+  indices or PoseTrack18 image ids of this clip, and the DCPose list format (`image_name`,
+  `bbox`, `score`) whose names end with the frame's file name. Boxes below `score_thresh`
+  or of at most one pixel are dropped.
   """
-  path = pathlib.Path(path)
-  try:
-    entries = json.loads(path.read_text())
-  except FileNotFoundError:
-    raise FileNotFoundError(f'--boxes: {path} does not exist') from None
-  except json.JSONDecodeError as e:
-    raise ValueError(f'--boxes: {path} is not valid JSON ({e})') from None
-  if isinstance(entries, dict) and 'annotations' in entries:
-    entries = entries['annotations']
-  if not isinstance(entries, list):
-    raise ValueError(f'--boxes: {path} must hold a list of boxes')
-  n = len(clip.names)
-  by_id = {i: i for i in range(n)}
-  for i in range(n):
-    pid = posetrack_image_id(clip.seq_name, i)
-    if pid is not None:
-      by_id[pid] = i
-  by_name = {name: i for i, name in enumerate(clip.names)}
-  out = [[] for _ in range(n)]
-  unknown = 0
-  for k, e in enumerate(entries):
-    if not isinstance(e, dict) or 'bbox' not in e:
-      raise ValueError(f'--boxes: entry {k} of {path} has no "bbox"')
-    if 'image_name' in e:
-      frame = by_name.get(pathlib.PurePath(str(e['image_name'])).name)
-    elif 'image_id' in e:
-      frame = by_id.get(int(e['image_id']))
-    else:
-      raise ValueError(f'--boxes: entry {k} of {path} has neither "image_id" nor "image_name"')
-    if frame is None:
-      unknown += 1
-      continue
-    x, y, w, h = (float(v) for v in e['bbox'])
-    score = float(e.get('score', 1.0))
-    if w > 1 and h > 1 and score >= score_thresh:
-      out[frame].append((x, y, w, h, score))
-  if unknown == len(entries) and entries:
-    raise ValueError(f'--boxes: no box in {path} names a frame of {clip.seq_name} '
-                     f'(frame names {clip.names[0]}..., ids 0..{n - 1})')
-  if unknown:
-    logging.warning('%d boxes in %s name frames not in the clip; ignored', unknown, path)
-  return [np.asarray(b, np.float32).reshape(-1, 5) for b in out]
+
+  def __init__(self, path, seq_name, names=None, score_thresh=0.0):
+    self.path = path
+    self.names = names
+    by_name = None if names is None else {n: i for i, n in enumerate(names)}
+    number = parsers.video_number(seq_name)
+    first_id = None if number is None else parsers.posetrack_image_id(seq_name, 0)
+    self.per_frame = {}
+    self.num_entries = 0
+    for (kind, value), box in parsers.read_box_entries(path):
+      self.num_entries += 1
+      if kind == 'name':
+        base = pathlib.PurePath(value.replace('\\', '/')).name
+        if by_name is not None:
+          frame = by_name.get(base, -1)
+        else:  # A video's frames are named %06d.jpg.
+          frame = int(base[:6]) if re.fullmatch(r'\d{6}\.jpg', base) else -1
+      elif first_id is not None and 0 <= value - first_id < 10000:
+        frame = value - first_id
+      else:
+        frame = value
+      x, y, w, h, score = box
+      keep = w > 1 and h > 1 and score >= score_thresh
+      self.per_frame.setdefault(frame, []).append(box if keep else None)
+
+  def check(self, num_frames, seq_name, final=False):
+    """Raises when no box names any of the clip's frames; logs how many name none."""
+    known = sum(len(v) for f, v in self.per_frame.items() if 0 <= f < num_frames)
+    if self.num_entries and not known:
+      raise ValueError(f'--boxes: no box in {self.path} names a frame of {seq_name} '
+                       f'(frame names {self.names[0] if self.names else "000000.jpg"}..., '
+                       f'ids 0..{num_frames - 1})')
+    if final and known < self.num_entries:
+      logging.warning('%d boxes in %s name frames not in the clip; ignored',
+                      self.num_entries - known, self.path)
+
+  def __call__(self, t):
+    """float32 [n, 5] (x, y, w, h, score) of frame t."""
+    boxes = [b for b in self.per_frame.get(t, ()) if b is not None]
+    return np.asarray(boxes, np.float32).reshape(-1, 5)
 
 
-def detect_people(clip, score_thresh=0.0):
-  """Offline fallback: OpenCV's HOG people detector on every frame."""
-  import cv2  # pylint: disable=g-import-not-at-top
-  hog = cv2.HOGDescriptor()
-  hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
-  out = []
-  for img in clip.frames:
-    rects, weights = hog.detectMultiScale(np.ascontiguousarray(img[..., ::-1]), winStride=(8, 8))
-    boxes = [(*map(float, r), float(np.clip(wt, 0, 3) / 3)) for r, wt in zip(rects, np.ravel(weights))]
-    out.append(np.asarray([b for b in boxes if b[4] >= score_thresh], np.float32).reshape(-1, 5))
-  return out
+def load_boxes(path, source, score_thresh=0.0):
+  """All boxes of `source` (a FrameSource), per frame: a list of float arrays [n, 5]."""
+  boxes = BoxFile(path, source.seq_name, source.names, score_thresh)
+  boxes.check(source.frame_count, source.seq_name, final=True)
+  return [boxes(t) for t in range(source.frame_count)]
 
 
-def whole_frame_boxes(clip):
-  h, w = clip.frames.shape[1:3]
-  return [np.asarray([[0, 0, w, h, 1.0]], np.float32) for _ in clip.names]
+class HogDetector:
+  """Offline fallback: OpenCV's HOG people detector, one frame at a time."""
+
+  def __init__(self, score_thresh=0.0):
+    import cv2  # pylint: disable=g-import-not-at-top
+    self.hog = cv2.HOGDescriptor()
+    self.hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
+    self.score_thresh = score_thresh
+
+  def __call__(self, img):
+    rects, weights = self.hog.detectMultiScale(np.ascontiguousarray(img[..., ::-1]),
+                                               winStride=(8, 8))
+    boxes = [(*map(float, r), float(np.clip(wt, 0, 3) / 3))
+             for r, wt in zip(rects, np.ravel(weights))]
+    return np.asarray([b for b in boxes if b[4] >= self.score_thresh],
+                      np.float32).reshape(-1, 5)
+
+
+def whole_frame_box(img):
+  """The whole frame as one person box [1, 5]."""
+  h, w = img.shape[:2]
+  return np.asarray([[0, 0, w, h, 1.0]], np.float32)
 
 
 # --- Tracks and crop anchors ----------------------------------------------------------
@@ -168,38 +200,64 @@ def iou(a, b):
   return inter / np.maximum(union, 1e-9)
 
 
+class TrackLinker:
+  """Track ids of consecutive frames' xywh boxes [n, 5], one frame at a time: the project's
+  tracker (`tracker.Tracker`) on box IoU, a track ending when its box is missing from a
+  frame with boxes."""
+
+  def __init__(self, min_iou=0.3):
+    self.min_iou = min_iou
+    self.tracker = tracker.Tracker(similarity='iou', min_similarity=min_iou, max_age=0)
+
+  def __call__(self, cur):
+    """Boxes [n, 5] of the next frame -> their track ids, int [n]."""
+    cur = np.asarray(cur, np.float64)
+    xy, wh = cur[..., :2].reshape(-1, 2), cur[..., 2:4].reshape(-1, 2)  # Also for no boxes.
+    return self.tracker(np.concatenate([xy, xy + wh], axis=1))
+
+
 def link_tracks(boxes, min_iou=0.3):
-  """Track ids (per frame an int array) of consecutive frames' xywh boxes [n, 5]: the
-  project's tracker on box IoU, a track ending when its box is missing from a frame."""
-  corners = [np.concatenate([b[:, :2], b[:, :2] + b[:, 2:4]], axis=1)
-             for b in (np.asarray(b, np.float64).reshape(len(b), -1) for b in boxes)]
-  return tracker.link(corners, similarity='iou', min_similarity=min_iou, max_age=0)
+  """Per frame int array of track ids for a list of per-frame boxes."""
+  linker = TrackLinker(min_iou)
+  return [linker(cur) for cur in boxes]
 
 
-def crop_anchors(boxes, track_ids, reanchor_iou=0.85):
+class CropAnchors:
   """Per frame and box, the box whose crop the window of that key frame uses.
 
   A window uses one affine transform for its 5 frames (as in training), taken from an
   anchor box. Holding a track's anchor while its box stays close (IoU >= reanchor_iou) makes
   consecutive windows share their crops, so the backbone features of a frame can be reused;
-  the ×1.25 crop enlargement leaves room for the small drift this allows. Returns per frame
-  an array [n, 4] of anchor boxes and an int array [n] of anchor ids (equal id = same crop).
+  the ×1.25 crop enlargement leaves room for the small drift this allows.
   """
-  current = {}  # track id -> (anchor id, box)
-  anchors, anchor_ids, next_anchor = [], [], 0
-  for cur, tids in zip(boxes, track_ids):
+
+  def __init__(self, reanchor_iou=0.85):
+    self.reanchor_iou = reanchor_iou
+    self.current = {}  # track id -> (anchor id, box)
+    self.next_anchor = 0
+
+  def __call__(self, cur, tids):
+    """Boxes [n, 5] and track ids [n] of the next frame -> (anchor boxes [n, 4] float32,
+    anchor ids [n] int; equal id = same crop)."""
     a = np.zeros((len(cur), 4), np.float32)
     aid = np.zeros((len(cur),), int)
     for i, t in enumerate(tids):
-      held = current.get(t)
-      if held is None or iou(cur[i:i + 1], held[1][None])[0, 0] < reanchor_iou:
-        held = (next_anchor, cur[i, :4].copy())
-        next_anchor += 1
-        current[t] = held
+      held = self.current.get(t)
+      if held is None or iou(cur[i:i + 1], held[1][None])[0, 0] < self.reanchor_iou:
+        held = (self.next_anchor, cur[i, :4].copy())
+        self.next_anchor += 1
+        self.current[t] = held
       aid[i], a[i] = held
-    anchors.append(a)
-    anchor_ids.append(aid)
-  return anchors, anchor_ids
+    # Tracks absent from this frame lose their anchor (a returning track is re-anchored).
+    self.current = {t: self.current[t] for t in tids}
+    return a, aid
+
+
+def crop_anchors(boxes, track_ids, reanchor_iou=0.85):
+  """Per frame an array [n, 4] of anchor boxes and an int array [n] of anchor ids."""
+  anchors = CropAnchors(reanchor_iou)
+  out = [anchors(cur, tids) for cur, tids in zip(boxes, track_ids)]
+  return [a for a, _ in out], [i for _, i in out]
 
 
 def window_indices(t, num_frames, offsets=(-2, -1, 1, 2)):
