@@ -50,6 +50,14 @@ def base_config(dataset, variant):
   config.eval.num_overlays = 0      # PNG overlays of val frames under <workdir>/overlays/.
   # After the final eval, also score the frozen backbone alone on the same boxes.
   config.eval.compare_backbone = False
+  # poseval's tracking metrics (MOTA, MOTP, Prec, Rec) besides the mAP, in eval_results.json.
+  config.eval.track = False
+  # The writer's tracker (tdmi_jax/evaluation/tracker.py) links the predicted people.
+  config.eval.tracker = ml_collections.ConfigDict()
+  config.eval.tracker.similarity = 'oks'      # 'oks' (poses) | 'iou' (boxes around poses).
+  config.eval.tracker.min_similarity = 0.3    # Pairs below this start a new track.
+  config.eval.tracker.max_age = 2             # Linked frames a track may miss and go on.
+  config.eval.tracker.min_joint_score = 0.2   # Joints compared by OKS / spanning the box.
   return config
 
 

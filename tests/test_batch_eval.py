@@ -18,6 +18,7 @@ from configs import synthetic
 from tdmi_jax import keypoints
 from tdmi_jax import train
 from tdmi_jax.evaluation import batch_eval
+from tdmi_jax.evaluation import tracking
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FLAG = '--config=configs/synthetic.py:runlocal'
@@ -28,6 +29,7 @@ def _config():
   config.num_train_steps = 4
   config.checkpoint.every_steps = 2
   config.eval.num_overlays = 0
+  config.eval.track = True  # The tables' tracking columns too.
   return config
 
 
@@ -82,8 +84,8 @@ def test_all_steps_write_csv_md_png_matching_eval_results(trained):
   workdir, during_training, rows = trained
   assert [r['step'] for r in rows] == [2, 4]
   table = _read_csv(workdir)
-  assert list(table[0]) == list(batch_eval.COLUMNS)
-  assert len(batch_eval.COLUMNS) == 1 + 15 + 8
+  assert list(table[0]) == list(batch_eval.COLUMNS + batch_eval.MOT_COLUMNS)
+  assert len(batch_eval.COLUMNS) == 1 + 15 + 8 and len(batch_eval.MOT_COLUMNS) == 8 + 3
   assert [int(r['step']) for r in table] == [2, 4]
   for r in table:
     result = _results(workdir, int(r['step']))
@@ -93,10 +95,15 @@ def test_all_steps_write_csv_md_png_matching_eval_results(trained):
       want = result['per_joint'][name]
       got = float(r[name])
       assert (np.isnan(got) if want is None else got == want), name
+    mot = tracking.columns(result['tracking'])
+    assert list(mot) == list(batch_eval.MOT_COLUMNS)
+    for name, want in mot.items():
+      assert float(r[name]) == pytest.approx(want, abs=1e-12, nan_ok=True), name
     assert os.path.isdir(os.path.join(workdir, 'predictions', r['step']))
   # The restored step-4 checkpoint scores exactly what the training process measured.
   assert rows[1]['Total'] == during_training['summary']['Total']
   assert _results(workdir, 4)['summary'] == during_training['summary']
+  assert _results(workdir, 4)['tracking'] == during_training['tracking']
   # mAP is 0 after 4 steps, so also compare the predicted keypoints themselves.
   restored = _predictions(workdir, 4)
   assert restored.keys() == during_training['predictions'].keys()
@@ -105,9 +112,11 @@ def test_all_steps_write_csv_md_png_matching_eval_results(trained):
     assert [i for i, _ in people] == [i for i, _ in want]
     np.testing.assert_allclose([k for _, k in people], [k for _, k in want], rtol=1e-6)
   md = open(os.path.join(workdir, 'batch_eval', 'map_per_step.md')).read().splitlines()
-  assert md[0].startswith('| step | right_ankle |') and md[0].endswith('| Total |')
+  assert md[0].startswith('| step | right_ankle |') and md[0].endswith('| Rec Total |')
   assert len(md) == 4 and md[2].startswith('| 2 |') and md[3].startswith('| 4 |')
-  assert md[3].endswith(f"| {during_training['summary']['Total']:.1f} |")
+  cells = dict(zip(md[0].split(' | '), md[3].split(' | ')))
+  assert cells['Total'] == f"{during_training['summary']['Total']:.1f}"
+  assert cells['MOTA Total'] == f"{during_training['tracking']['total']['MOTA']:.1f}"
   png = open(os.path.join(workdir, 'batch_eval', 'map_over_steps.png'), 'rb').read()
   assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 5000
 
@@ -120,6 +129,7 @@ def test_steps_last_gives_one_row_and_reuse_skips_evaluation(trained):
   table = _read_csv(workdir)
   assert [int(r['step']) for r in table] == [4]
   assert float(table[0]['Total']) == _results(workdir, 4)['summary']['Total']
+  assert float(table[0]['MOTA Total']) == _results(workdir, 4)['tracking']['total']['MOTA']
   assert '| 4 |' in proc.stdout
 
 
@@ -136,6 +146,7 @@ def test_reuse_reads_existing_results_instead_of_evaluating(tmp_path):
   rows = batch_eval.map_per_step(_config(), str(tmp_path), steps='20,10', reuse=True)
   assert [r['step'] for r in rows] == [10, 20]
   table = _read_csv(tmp_path)
+  assert list(table[0]) == list(batch_eval.COLUMNS)  # No tracking results: no MOT columns.
   assert [float(r['Total']) for r in table] == [60.0, 70.0]
   assert np.isnan(float(table[0]['neck'])) and float(table[0]['nose']) == 13.0
   assert '| - |' in (tmp_path / 'batch_eval' / 'map_per_step.md').read_text()

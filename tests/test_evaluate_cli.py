@@ -95,3 +95,47 @@ def test_written_gt_predictions_score_100_through_the_cli(pt18_real, tmp_path, c
                         '--json_out', str(tmp_path / 'eval_results.json')]) == 0
   out = json.loads((tmp_path / 'eval_results.json').read_text())
   assert out['summary']['Total'] == 100.0 and out['num_frames'] == 3
+
+
+def test_cli_track_prints_mot_table_after_ap_and_writes_tracking_json(tmp_path):
+  case = ROOT / 'tests' / 'testdata' / 'tracking_golden' / 'random1'  # 2017 format
+  expected = json.loads((case / 'expected.json').read_text())
+  out = tmp_path / 'r.json'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'tdmi_jax.evaluate', '--gt_dir', str(case / 'gt'),
+       '--pred_dir', str(case / 'pred'), '--track', '--json_out', str(out)],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.splitlines()
+  ap_row = next(i for i, l in enumerate(lines) if 'Head' in l) + 1
+  mot = lines.index('Multiple Object Tracking (MOT) metrics:')
+  assert mot > ap_row
+  # The official tool's three printed lines, character for character.
+  assert lines[mot + 1:mot + 4] == expected['table']
+  written = json.loads(out.read_text())
+  assert list(written) == ['summary', 'per_joint', 'num_frames', 'tracking']
+  assert list(written['tracking']) == ['per_joint', 'total']
+  assert list(written['tracking']['per_joint']) == list(keypoints.POSEVAL_JOINT_NAMES)
+  for joint, values in written['tracking']['per_joint'].items():
+    assert list(values) == ['MOTA', 'MOTP', 'Prec', 'Rec']
+    for k, v in values.items():
+      assert v == pytest.approx(expected['per_joint'][joint][k], abs=1e-6)
+  assert written['tracking']['total'] == pytest.approx(expected['total'], abs=1e-6)
+  # Without --track the AP output stays as it was.
+  assert evaluate.main(['--gt_dir', str(case / 'gt'), '--pred_dir', str(case / 'pred'),
+                        '--json_out', str(out)]) == 0
+  assert list(json.loads(out.read_text())) == ['summary', 'per_joint', 'num_frames']
+
+
+def test_cli_track_error_names_the_file(tmp_path, capsys):
+  case = ROOT / 'tests' / 'testdata' / 'tracking_golden' / 'perfect'  # 2018 format
+  pred = tmp_path / 'pred'
+  shutil.copytree(case / 'pred', pred)
+  name = next(pred.iterdir())
+  data = json.loads(name.read_text())
+  del data['annotations'][0]['track_id']
+  name.write_text(json.dumps(data))
+  args = ['--gt_dir', str(case / 'gt'), '--pred_dir', str(pred)]
+  assert evaluate.main(args) == 0  # AP needs no track ids.
+  assert evaluate.main(args + ['--track']) == 1
+  assert f'{name}: a person in frame 0 has no track_id' in capsys.readouterr().err

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from tdmi_jax.evaluation import tracker
 from tdmi_jax.inference import video_io
 
 
@@ -110,6 +111,25 @@ def test_link_tracks_and_anchors():
   assert anchor_ids[1][list(ids[1]).index(0)] == first[0]
   assert anchor_ids[2][list(ids[2]).index(0)] != first[0]
   np.testing.assert_allclose(anchors[1][list(ids[1]).index(0)], a(0)[:4])
+
+
+def test_streamed_linking_is_the_tracker_on_box_iou():
+  # Frame by frame (as infer streams) the ids are tracker.link's on the same boxes, empty
+  # frames and overlapping neighbours included.
+  rng = np.random.default_rng(0)
+  boxes = []
+  for t in range(12):
+    n = int(rng.integers(0, 4)) if t != 5 else 0
+    xy = rng.uniform(0, 60, (n, 2)) + t
+    boxes.append(np.concatenate([xy, np.full((n, 2), 40.0), np.ones((n, 1))], 1))
+  boxes += [np.array([[0, 0, 10, 10, 1], [6, 0, 10, 10, 1]], np.float32),
+            np.array([[3, 0, 10, 10, 1], [10, 0, 10, 10, 1]], np.float32)]
+  linker = video_io.TrackLinker(0.3)
+  streamed = [linker(b) for b in boxes]
+  corners = [np.concatenate([b[:, :2], b[:, :2] + b[:, 2:4]], 1) for b in boxes]
+  batch = tracker.link(corners, similarity='iou', min_similarity=0.3, max_age=0)
+  assert [list(i) for i in streamed] == [list(i) for i in batch]
+  assert [list(i) for i in video_io.link_tracks(boxes)] == [list(i) for i in batch]
 
 
 def test_window_indices_pad_with_key_frame():

@@ -34,7 +34,8 @@ def test_files_mirror_gt_frames_with_dummies(pt18_real, tmp_path):
                       {'keypoints': kp, 'score': 0.5, 'track_id': None}],
            123: [{'keypoints': kp, 'score': 0.1, 'track_id': 0}]}
   stats = writer.write_predictions(preds, str(gt_dir), str(tmp_path))
-  assert stats == {'videos': 3, 'frames': 3, 'dummy_frames': 2, 'unused_images': 1}
+  assert stats == {'videos': 3, 'frames': 3, 'dummy_frames': 2, 'linked_videos': 0,
+                   'unused_images': 1}
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
       p.name for p in gt_dir.iterdir())
   out = json.loads((tmp_path / name).read_text())

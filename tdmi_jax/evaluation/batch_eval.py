@@ -11,9 +11,12 @@ decoding per config.eval), which writes `<workdir>/predictions/<step>/`,
 last evaluated step). With --reuse, a step whose eval_results_<step>.json already exists
 is read instead of evaluated again. The tables go to `<workdir>/batch_eval/`:
 
-  map_per_step.csv    step, poseval's 15 per-joint APs, Head..Ankl, Total (percent)
+  map_per_step.csv    step, poseval's 15 per-joint APs, Head..Ankl, Total (percent), and
+                      with config.eval.track the MOT table's columns: MOTA Head .. MOTA
+                      Total, MOTP Total, Prec Total, Rec Total
   map_per_step.md     the same as a markdown table (one decimal)
-  map_over_steps.png  Total and the 7 summary columns against the step
+  map_over_steps.png  Total and the 7 summary columns against the step (with tracking, a
+                      second panel: MOTA, MOTP, Prec and Rec totals)
 """
 
 import csv
@@ -36,9 +39,14 @@ from tdmi_jax import state as state_lib
 from tdmi_jax import train_step as train_step_lib
 from tdmi_jax.data import input_pipeline
 from tdmi_jax.evaluation import map_eval
+from tdmi_jax.evaluation import tracking
 
 SUMMARY_COLUMNS = keypoints.SUMMARY_COLUMNS
 COLUMNS = ('step',) + keypoints.POSEVAL_JOINT_NAMES + SUMMARY_COLUMNS
+# The MOT table's columns, present when the steps were evaluated with config.eval.track.
+MOT_COLUMNS = tuple(f'MOTA {c}' for c in SUMMARY_COLUMNS) + (
+    'MOTP Total', 'Prec Total', 'Rec Total')
+MOT_TOTALS = ('MOTA Total', 'MOTP Total', 'Prec Total', 'Rec Total')
 OUT_DIR = 'batch_eval'
 
 
@@ -98,31 +106,45 @@ def read_row(workdir, step):
     result = json.loads(path.read_text())
     values = [result['per_joint'][n] for n in keypoints.POSEVAL_JOINT_NAMES]
     values += [result['summary'][c] for c in SUMMARY_COLUMNS]
+    mot = result.get('tracking')
+    if mot is not None:
+      nan = lambda d: {k: math.nan if v is None else v for k, v in d.items()}
+      mot = tracking.columns({'per_joint': {n: nan(v) for n, v in mot['per_joint'].items()},
+                              'total': nan(mot['total'])})
   except FileNotFoundError:
     raise BatchEvalError(f'{path} was not written (is config.eval.map off?)') from None
   except (ValueError, KeyError, TypeError) as e:
     raise BatchEvalError(f'{path} is not a readable eval_results file: {e!r}') from None
   row = {'step': int(step)}
   row.update({k: math.nan if v is None else float(v) for k, v in zip(COLUMNS[1:], values)})
+  if mot is not None:
+    row.update({k: float(v) for k, v in mot.items()})
   return row
 
 
+def columns(rows):
+  """The table's columns: the AP ones, plus the MOT ones when some step has them."""
+  return COLUMNS + (MOT_COLUMNS if any(MOT_COLUMNS[0] in r for r in rows) else ())
+
+
 def write_csv(rows, path):
+  cols = columns(rows)
   text = io.StringIO(newline='')
   out = csv.writer(text)
-  out.writerow(COLUMNS)
+  out.writerow(cols)
   for r in rows:
-    out.writerow([r['step']] + [repr(r[c]) for c in COLUMNS[1:]])
+    out.writerow([r['step']] + [repr(r.get(c, math.nan)) for c in cols[1:]])
   paths.write_text(path, text.getvalue())
 
 
 def format_markdown(rows):
   def cell(v):
     return '-' if math.isnan(v) else f'{v:.1f}'
-  lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---:|' * len(COLUMNS)]
+  cols = columns(rows)
+  lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---:|' * len(cols)]
   for r in rows:
-    lines.append('| ' + ' | '.join([str(r['step'])] + [cell(r[c]) for c in COLUMNS[1:]])
-                 + ' |')
+    lines.append('| ' + ' | '.join([str(r['step'])] + [cell(r.get(c, math.nan))
+                                                       for c in cols[1:]]) + ' |')
   return '\n'.join(lines) + '\n'
 
 
@@ -132,7 +154,10 @@ def plot(rows, path):
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   steps = [r['step'] for r in rows]
-  fig, ax = plt.subplots(figsize=(8, 5))
+  track = MOT_COLUMNS[0] in columns(rows)
+  fig, axes = plt.subplots(1, 2 if track else 1, figsize=(14 if track else 8, 5),
+                           squeeze=False)
+  ax = axes[0, 0]
   for c in SUMMARY_COLUMNS:
     total = c == 'Total'
     ax.plot(steps, [r[c] for r in rows], marker='o', label=c, linewidth=3 if total else 1.2,
@@ -145,6 +170,19 @@ def plot(rows, path):
   ax.set_title('mAP over training steps')
   ax.grid(alpha=0.3)
   ax.legend(ncol=4, fontsize='small')
+  if track:
+    ax = axes[0, 1]
+    for c in MOT_TOTALS:
+      ax.plot(steps, [r.get(c, math.nan) for r in rows], marker='o', label=c,
+              linewidth=3 if c == 'MOTA Total' else 1.2,
+              color='black' if c == 'MOTA Total' else None)
+    ax.axhline(0, color='grey', linewidth=0.8)
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.set_xlabel('step')
+    ax.set_ylabel('percent (MOTA can be negative)')
+    ax.set_title('tracking (poseval MOT metrics) over training steps')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize='small')
   fig.tight_layout()
   png = io.BytesIO()
   fig.savefig(png, format='png', dpi=100)

@@ -177,7 +177,8 @@ def person_score(people_kp, box_score, threshold=0.2):
 def batch_predictions(batch, heatmaps, method='quarter'):
   """A decoded eval batch as the writer's {image_id: [{'keypoints', 'score', 'track_id'}]}.
 
-  Padding rows (mask 0) are dropped; track ids are the position within the frame.
+  Padding rows (mask 0) are dropped; track ids are None: people are linked across frames
+  by the writer's tracker, which sees a whole video.
   """
   kp = decode(heatmaps, batch['center'], batch['scale'], batch.get('rotation'),
               batch.get('box_score'), method)
@@ -187,7 +188,7 @@ def batch_predictions(batch, heatmaps, method='quarter'):
   for i in np.flatnonzero(mask > 0):
     people = out.setdefault(int(batch['image_id'][i]), [])
     people.append({'keypoints': kp[i].astype(np.float32), 'score': float(scores[i]),
-                   'track_id': len(people)})
+                   'track_id': None})
   return out
 
 

@@ -3,9 +3,10 @@
 `map_evaluation(config, workdir, step, predict_fn)` is the whole job, used by the training
 driver's periodic and final evaluation, by `--mode=eval`, by batch evaluation and by the
 hard-frame experiment. Predictions go to `<workdir>/predictions/<step>/` (one 2018-format
-file per GT video) and the metric to `<workdir>/eval_results.json` (schema of
-`python -m tdmi_jax.evaluate --json_out`), plus `<workdir>/eval_results_<step>.json` so
-earlier steps stay readable.
+file per GT video, people linked into tracks by the writer's tracker with
+config.eval.tracker) and the metric to `<workdir>/eval_results.json` (schema of
+`python -m tdmi_jax.evaluate --json_out`, with its "tracking" block under config.eval.track),
+plus `<workdir>/eval_results_<step>.json` so earlier steps stay readable.
 """
 
 
@@ -19,6 +20,7 @@ from tdmi_jax.data import input_pipeline
 from tdmi_jax.evaluation import decode
 from tdmi_jax.evaluation import overlay
 from tdmi_jax.evaluation import posetrack_map
+from tdmi_jax.evaluation import tracking
 from tdmi_jax.evaluation import writer
 
 # Frame subsets reported besides 'all' when the GT marks degraded frames (synthetic data).
@@ -62,9 +64,16 @@ def _subset_gt(data, keep):
                                  if a.get('image_id') in kept])
 
 
-def subset_results(gt_dir, pred_dir):
-  """{'all': result, and 'clean'/'degraded' results where the GT marks degraded frames}."""
-  results = {'all': posetrack_map.evaluate_dirs(gt_dir, pred_dir)}
+def subset_results(gt_dir, pred_dir, track=False):
+  """{'all': result, and 'clean'/'degraded' results where the GT marks degraded frames}.
+
+  With `track`, 'all' also holds poseval's tracking metrics under 'tracking' (subsets have
+  none: dropping frames would change what the tracking metrics count).
+  """
+  pairs = list(posetrack_map.read_pairs(gt_dir, pred_dir))
+  results = {'all': posetrack_map.evaluate_videos(pairs)}
+  if track:
+    results['all']['tracking'] = tracking.evaluate_videos(pairs)
   files = posetrack_map.gt_files(gt_dir)
   pred_dir = paths.path(pred_dir)
   gts = [(f.name, fileio.load_json(f, posetrack_map.EvalInputError)) for f in files]
@@ -84,16 +93,18 @@ def subset_results(gt_dir, pred_dir):
   return results
 
 
-def finalize(predictions, gt_dir, workdir, step):
+def finalize(predictions, gt_dir, workdir, step, *, track=False, tracker_cfg=None):
   """Writes `<workdir>/predictions/<step>/`, evaluates it, writes the results files.
 
-  Returns {'all': {...}, optionally 'clean'/'degraded'}; `eval_results.json` holds 'all'
-  (the CLI schema) plus 'step' and a 'subsets' entry with the others.
+  People are linked into tracks by the writer (`tracker_cfg`: config.eval.tracker); `track`
+  adds the tracking metrics. Returns {'all': {...}, optionally 'clean'/'degraded'};
+  `eval_results.json` holds 'all' (the CLI schema) plus 'step' and a 'subsets' entry with
+  the others.
   """
   workdir = paths.path(workdir)
   pred_dir = workdir / 'predictions' / str(int(step))
-  writer.write_predictions(predictions, gt_dir, pred_dir)
-  results = subset_results(gt_dir, pred_dir)
+  writer.write_predictions(predictions, gt_dir, pred_dir, tracker_cfg)
+  results = subset_results(gt_dir, pred_dir, track)
   out = dict(results['all'])
   out['step'] = int(step)
   if len(results) > 1:
@@ -104,12 +115,17 @@ def finalize(predictions, gt_dir, workdir, step):
 
 
 def flat_metrics(results):
-  """{'map/Total': ..., 'map/Head': ..., 'map_degraded/Total': ...} for logging."""
+  """{'map/Total': ..., 'map/Head': ..., 'map_degraded/Total': ..., and with tracking
+  'mota/Head' .. 'mota/Total', 'motp/Total', 'prec/Total', 'rec/Total'} for logging."""
   out = {}
   for subset, result in results.items():
     prefix = 'map' if subset == 'all' else f'map_{subset}'
     for k, v in result['summary'].items():
       out[f'{prefix}/{k}'] = float(v) if v is not None else float('nan')
+  if 'tracking' in results.get('all', {}):
+    for k, v in tracking.columns(results['all']['tracking']).items():
+      metric, column = k.split(' ')
+      out[f'{metric.lower()}/{column}'] = float(v)
   return out
 
 
@@ -118,8 +134,10 @@ def map_evaluation(config, workdir, step, predict_fn, title=None):
 
   `predict_fn(batch) -> heatmaps` (numpy, this process's rows), e.g.
   `train_step.make_predict_fn`. Every process predicts its slice; process 0 gathers the
-  rows, writes the files and evaluates. Returns flat metrics ({'map/Total': ...,
-  'map_degraded/Total': ... on synthetic data}); {} when config.eval.map is off.
+  rows, writes the files (people linked by the tracker of config.eval.tracker) and
+  evaluates, with poseval's tracking metrics when config.eval.track. Returns flat metrics
+  ({'map/Total': ..., 'map_degraded/Total': ... on synthetic data, 'mota/Total': ... with
+  tracking}); {} when config.eval.map is off.
   """
   if not config.eval.map:
     return {}
@@ -132,7 +150,8 @@ def map_evaluation(config, workdir, step, predict_fn, title=None):
   metrics = {}
   if sharding.is_writer():
     gt_dir = input_pipeline.val_gt_dir(data_cfg)
-    results = finalize(predictions, gt_dir, workdir, step)
+    results = finalize(predictions, gt_dir, workdir, step, track=config.eval.track,
+                       tracker_cfg=config.eval.tracker)
     if config.eval.num_overlays:
       overlay.write_eval_overlays(
           predictions, posetrack_map.gt_files(gt_dir), data_cfg.manual_dir,
@@ -140,6 +159,8 @@ def map_evaluation(config, workdir, step, predict_fn, title=None):
     title = title or f'PoseTrack mAP at step {int(step)}'
     print(f'{title} ({results["all"]["num_frames"]} frames):')
     print(posetrack_map.format_table(results['all']))
+    if 'tracking' in results['all']:
+      print(tracking.format_table(results['all']['tracking']))
     for name in ('clean', 'degraded'):
       if name in results:
         print(f'{name} key frames ({results[name]["num_frames"]} frames): Total '

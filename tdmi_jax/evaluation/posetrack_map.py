@@ -80,6 +80,7 @@ class VideoPeople:
     has_points: bool [N], the person carries a point list at all.
     track_id: list of N track ids (None if absent).
     ignore: list of F lists of polygons (float [V, 2]).
+    format: '2017' (annolist) or '2018' (COCO-like), the file's format.
   """
   name: str
   num_frames: int
@@ -92,6 +93,7 @@ class VideoPeople:
   has_points: np.ndarray
   track_id: list
   ignore: list
+  format: str = '2018'
 
 
 def first_value(value):
@@ -312,7 +314,7 @@ def _read_2017(data, name):
       name=name, num_frames=len(annolist), rects_per_frame=np.array(rects, np.int64),
       frame=np.array(frame, np.int64), point_id=point_id, point_xy=pts[..., 1:3],
       point_score=pts[..., 3], head=np.array(heads, np.float64).reshape(n, 4),
-      has_points=np.array(has_points, bool), track_id=track, ignore=ignore)
+      has_points=np.array(has_points, bool), track_id=track, ignore=ignore, format='2017')
 
 
 def read_video(data, name='<memory>'):
@@ -348,7 +350,7 @@ def _check_track_ids(video, is_pred):
 # --- Geometry --------------------------------------------------------------------------
 
 
-def _norm2(v):
+def norm2(v):
   """Euclidean norm over the last axis (size 2), bit-identical to np.linalg.norm on a
   single vector: that goes through a BLAS dot product, which a stacked matmul of
   vectors also uses (a plain x*x + y*y can differ in the last bit)."""
@@ -393,9 +395,10 @@ class _Joints:
   score: np.ndarray   # [N, 15]
   head: np.ndarray    # [N] head size (GT only).
   source: list        # [N] (file name, frame in file) for messages.
+  person: np.ndarray  # int [N] row in the VideoPeople it came from (for track ids).
 
 
-def _prepare(video, keep_frame, frame_offset, polygons):
+def prepare_people(video, keep_frame, frame_offset, polygons):
   """Applies poseval's cleanup and ignore regions; returns one person per row."""
   kept = keep_frame[video.frame] & video.has_points
   idx = np.flatnonzero(kept)
@@ -424,9 +427,9 @@ def _prepare(video, keep_frame, frame_offset, polygons):
   xy = video.point_xy[idx][rows, first]
   score = video.point_score[idx][rows, first]
   hb = video.head[idx]
-  head = 0.6 * _norm2(np.stack([hb[:, 2] - hb[:, 0], hb[:, 3] - hb[:, 1]], -1))
+  head = 0.6 * norm2(np.stack([hb[:, 2] - hb[:, 0], hb[:, 3] - hb[:, 1]], -1))
   return _Joints(frame=frame_offset[frames], xy=xy, has=has, score=score, head=head,
-                 source=[(video.name, int(f)) for f in frames])
+                 source=[(video.name, int(f)) for f in frames], person=idx)
 
 
 def _concat(parts):
@@ -436,7 +439,8 @@ def _concat(parts):
       has=np.concatenate([p.has for p in parts]).reshape(-1, NUM_POSEVAL_JOINTS),
       score=np.concatenate([p.score for p in parts]).reshape(-1, NUM_POSEVAL_JOINTS),
       head=np.concatenate([p.head for p in parts]),
-      source=[s for p in parts for s in p.source])
+      source=[s for p in parts for s in p.source],
+      person=np.concatenate([p.person for p in parts]).astype(np.int64))
 
 
 # --- Matching --------------------------------------------------------------------------
@@ -472,7 +476,7 @@ def _match_chunk(gt, pr, g_lo, g_hi, p_lo, p_hi, f0, nf):
   p_real[pf, prk] = True
 
   with np.errstate(divide='ignore', invalid='ignore'):
-    dist = _norm2(g_xy[:, None] - p_xy[:, :, None]) / g_head[:, None, :, None]
+    dist = norm2(g_xy[:, None] - p_xy[:, :, None]) / g_head[:, None, :, None]
   both = p_has[:, :, None, :] & g_has[:, None, :, :]
   match = both & (dist <= DIST_THRESH)                       # [nf, pm, gm, 15]
   n_gt = g_has.sum(-1)                                       # [nf, gm]
@@ -569,6 +573,21 @@ def format_table(result):
 # --- Entry points -------------------------------------------------------------------------
 
 
+def parse_pair(name, gt_data, pr_data):
+  """(gt, pred) VideoPeople of one video (parsed JSON objects or VideoPeople), checked the
+  way poseval checks them on loading (frame counts agree, track ids)."""
+  gt = gt_data if isinstance(gt_data, VideoPeople) else read_video(
+      gt_data, f'{name} (ground truth)')
+  pr = pr_data if isinstance(pr_data, VideoPeople) else read_video(
+      pr_data, f'{name} (predictions)')
+  if pr.num_frames != gt.num_frames:
+    raise EvalInputError(f'{pr.name}: {pr.num_frames} prediction frames but the '
+                         f'ground truth has {gt.num_frames}')
+  _check_track_ids(gt, is_pred=False)
+  _check_track_ids(pr, is_pred=True)
+  return gt, pr
+
+
 def evaluate_videos(pairs):
   """AP over (gt, pred) pairs of parsed JSON objects or VideoPeople, in pooling order.
 
@@ -577,20 +596,12 @@ def evaluate_videos(pairs):
   """
   gt_parts, pr_parts, num_frames = [], [], 0
   for name, gt_data, pr_data in pairs:
-    gt = gt_data if isinstance(gt_data, VideoPeople) else read_video(
-        gt_data, f'{name} (ground truth)')
-    pr = pr_data if isinstance(pr_data, VideoPeople) else read_video(
-        pr_data, f'{name} (predictions)')
-    if pr.num_frames != gt.num_frames:
-      raise EvalInputError(f'{pr.name}: {pr.num_frames} prediction frames but the '
-                           f'ground truth has {gt.num_frames}')
-    _check_track_ids(gt, is_pred=False)
-    _check_track_ids(pr, is_pred=True)
+    gt, pr = parse_pair(name, gt_data, pr_data)
     keep = gt.rects_per_frame > 0
     offset = np.full(gt.num_frames, -1, np.int64)
     offset[keep] = num_frames + np.arange(int(keep.sum()))
-    gt_parts.append(_prepare(gt, keep, offset, gt.ignore))
-    pr_parts.append(_prepare(pr, keep, offset, gt.ignore))
+    gt_parts.append(prepare_people(gt, keep, offset, gt.ignore))
+    pr_parts.append(prepare_people(pr, keep, offset, gt.ignore))
     num_frames += int(keep.sum())
   if not gt_parts:
     raise EvalInputError('no videos to evaluate')
@@ -617,12 +628,10 @@ def gt_files(gt_dir):
   return files
 
 
-def evaluate_dirs(gt_dir, pred_dir):
-  """poseval AP of the per-video prediction files in pred_dir against gt_dir.
-
-  Every GT file `gt_dir/<video>.json` needs `pred_dir/<video>.json`. Returns
-  {'summary': {Head..Ankl, Total}, 'per_joint': {15 names}, 'num_frames': N} in percent.
-  """
+def read_pairs(gt_dir, pred_dir):
+  """(name, gt VideoPeople, pred VideoPeople) of every GT file of gt_dir, in order, read as
+  they are used (a generator); every GT file `gt_dir/<video>.json` needs
+  `pred_dir/<video>.json`, which is checked at once."""
   files = gt_files(gt_dir)
   pred_dir = paths.path(pred_dir)
   if not pred_dir.is_dir():
@@ -647,4 +656,13 @@ def evaluate_dirs(gt_dir, pred_dir):
       yield (n, read_video(fileio.load_json(f, EvalInputError), f),
              read_video(fileio.load_json(p, EvalInputError), p))
 
-  return evaluate_videos(pairs())
+  return pairs()
+
+
+def evaluate_dirs(gt_dir, pred_dir):
+  """poseval AP of the per-video prediction files in pred_dir against gt_dir.
+
+  Every GT file `gt_dir/<video>.json` needs `pred_dir/<video>.json`. Returns
+  {'summary': {Head..Ankl, Total}, 'per_joint': {15 names}, 'num_frames': N} in percent.
+  """
+  return evaluate_videos(read_pairs(gt_dir, pred_dir))

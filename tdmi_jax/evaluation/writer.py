@@ -11,8 +11,13 @@ A predicted joint given as exactly (0, 0, 0) is written as an unannotated landma
 which poseval reads as "no prediction for this joint".
 
 `predictions` is CONTRACTS.md's `{image_id: [{'keypoints': [17, 3] (x, y, score), 'score':
-float, 'track_id': int}, ...]}`. Image ids are the GT's `images[].id` (2018 files) or, for
-2017 annolist files, PoseTrack18's id rule on the image name (`parsers.posetrack_image_id`).
+float, 'track_id': int or None}, ...]}`. A video in which no person has a track id (the
+decoder gives none) is linked across its frames by the project's tracker
+(tdmi_jax.evaluation.tracker, thresholds from `tracker_cfg` = config.eval.tracker), so that
+its ids are worth a tracking evaluation; in a video with given ids, a missing or repeated
+id is renumbered to be unique within its frame. Image ids are the GT's `images[].id` (2018
+files) or, for 2017 annolist files, PoseTrack18's id rule on the image name
+(`parsers.posetrack_image_id`).
 """
 
 import os
@@ -25,6 +30,7 @@ from tdmi_jax import keypoints
 from tdmi_jax import paths
 from tdmi_jax.data import parsers
 from tdmi_jax.evaluation import posetrack_map
+from tdmi_jax.evaluation import tracker
 
 DUMMY_SCORE = -100.0
 
@@ -95,14 +101,38 @@ def _track_ids(people):
   return out
 
 
-def write_video(path, frames, predictions):
+def link_video(frames, predictions, tracker_cfg=None):
+  """The people of `frames` (image dicts with 'id', in video order) with track ids from the
+  tracker if none of them has one; else `predictions` as they are. Returns (predictions,
+  linked: bool)."""
+  people = [predictions.get(int(im['id'])) or [] for im in frames]
+  if not any(people) or any(p.get('track_id') is not None for ps in people for p in ps):
+    return predictions, False
+  cfg = dict(tracker.DEFAULTS)
+  cfg.update(tracker_cfg or {})
+  poses = [np.stack([np.asarray(p['keypoints'], np.float64).reshape(keypoints.NUM_JOINTS, 3)
+                     for p in ps]) if ps else np.zeros((0, keypoints.NUM_JOINTS, 3))
+           for ps in people]
+  if cfg['similarity'] == 'iou':
+    poses = [tracker.pose_boxes(p, cfg['min_joint_score']) for p in poses]
+  ids = tracker.link(poses, **cfg)
+  out = dict(predictions)
+  for im, ps, tids in zip(frames, people, ids):
+    if ps:
+      out[int(im['id'])] = [dict(p, track_id=int(t)) for p, t in zip(ps, tids)]
+  return out, True
+
+
+def write_video(path, frames, predictions, tracker_cfg=None):
   """Writes one 2018-format prediction file covering `frames` (image dicts with 'id') in order.
 
-  Frames without people get the AP-neutral dummy. The file appears atomically.
-  Returns {'dummy_frames', 'renumbered'} counts.
+  People without track ids are linked first (`link_video`). Frames without people get the
+  AP-neutral dummy. The file appears atomically. Returns {'dummy_frames', 'renumbered',
+  'linked'} counts.
   """
   annotations = []
-  counts = {'dummy_frames': 0, 'renumbered': 0}
+  predictions, linked = link_video(frames, predictions, tracker_cfg)
+  counts = {'dummy_frames': 0, 'renumbered': 0, 'linked': int(linked)}
   for im in frames:
     image_id = int(im['id'])
     people = predictions.get(image_id) or []
@@ -119,24 +149,26 @@ def write_video(path, frames, predictions):
   return counts
 
 
-def write_predictions(predictions, gt_dir, out_dir):
+def write_predictions(predictions, gt_dir, out_dir, tracker_cfg=None):
   """Writes one prediction JSON per GT video of gt_dir into out_dir.
 
-  Returns {'videos', 'frames', 'dummy_frames', 'unused_images'} counts; predictions for
-  image ids that no GT frame has are not written (and counted in 'unused_images').
+  Returns {'videos', 'frames', 'dummy_frames', 'linked_videos', 'unused_images'} counts;
+  predictions for image ids that no GT frame has are not written (and counted in
+  'unused_images'). `tracker_cfg`: tracker thresholds for videos without track ids.
   """
   files = posetrack_map.gt_files(gt_dir)
   out_dir = paths.path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   predictions = {int(k): v for k, v in predictions.items()}
   seen = set()
-  stats = {'videos': 0, 'frames': 0, 'dummy_frames': 0}
+  stats = {'videos': 0, 'frames': 0, 'dummy_frames': 0, 'linked_videos': 0}
   renumbered = 0
   for path in files:
     frames = gt_frames(fileio.load_json(path, posetrack_map.EvalInputError), path)
     seen.update(int(im['id']) for im in frames)
-    counts = write_video(out_dir / path.name, frames, predictions)
+    counts = write_video(out_dir / path.name, frames, predictions, tracker_cfg)
     stats['dummy_frames'] += counts['dummy_frames']
+    stats['linked_videos'] += counts['linked']
     renumbered += counts['renumbered']
     stats['videos'] += 1
     stats['frames'] += len(frames)

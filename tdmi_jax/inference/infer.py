@@ -4,7 +4,8 @@ r"""Run a trained TDMI on a video or a folder of frames.
       [--boxes FILE] --out OUT
 
 Writes `OUT/<name>.json` (PoseTrack18 format: every frame, people with keypoints[51],
-scores[17], track_id), `OUT/overlay.mp4` and `OUT/frames/%06d.png` (skeleton coloured by
+scores[17], track_id: the project's tracker on the person boxes, see
+`video_io.TrackLinker`), `OUT/overlay.mp4` and `OUT/frames/%06d.png` (skeleton coloured by
 joint confidence), and `OUT/stats.json` (frames/s, backbone passes, the most frames and
 cached backbone outputs held at once).
 

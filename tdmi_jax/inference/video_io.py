@@ -2,9 +2,9 @@
 
 Everything here is model-free so `tdmi_jax.inference.infer` stays a short driver: frame
 sources that decode a video or a frame folder lazily (nothing holds the whole clip), box
-files in the two formats PoseTrack tools use, the offline fallback detector, online IoU
-track linking, and the crop anchors that let the streaming feature cache reuse backbone
-features across windows.
+files in the two formats PoseTrack tools use, the offline fallback detector, online track
+linking (the project's tracker on box IoU), and the crop anchors that let the streaming
+feature cache reuse backbone features across windows.
 """
 
 import dataclasses
@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from tdmi_jax.data import parsers
+from tdmi_jax.evaluation import tracker
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
 
@@ -200,31 +201,19 @@ def iou(a, b):
 
 
 class TrackLinker:
-  """Greedy IoU linking of consecutive frames' boxes, one frame at a time."""
+  """Track ids of consecutive frames' xywh boxes [n, 5], one frame at a time: the project's
+  tracker (`tracker.Tracker`) on box IoU, a track ending when its box is missing from a
+  frame with boxes."""
 
   def __init__(self, min_iou=0.3):
     self.min_iou = min_iou
-    self.next_id = 0
-    self.prev = np.zeros((0, 5))
-    self.prev_ids = np.zeros((0,), int)
+    self.tracker = tracker.Tracker(similarity='iou', min_similarity=min_iou, max_age=0)
 
   def __call__(self, cur):
     """Boxes [n, 5] of the next frame -> their track ids, int [n]."""
-    cur_ids = np.full(len(cur), -1, int)
-    if len(self.prev) and len(cur):
-      m = iou(cur, self.prev)
-      for _ in range(min(len(cur), len(self.prev))):
-        i, j = np.unravel_index(np.argmax(m), m.shape)
-        if m[i, j] < self.min_iou:
-          break
-        cur_ids[i] = self.prev_ids[j]
-        m[i, :] = -1
-        m[:, j] = -1
-    for i in np.flatnonzero(cur_ids < 0):
-      cur_ids[i] = self.next_id
-      self.next_id += 1
-    self.prev, self.prev_ids = cur, cur_ids
-    return cur_ids
+    cur = np.asarray(cur, np.float64)
+    xy, wh = cur[..., :2].reshape(-1, 2), cur[..., 2:4].reshape(-1, 2)  # Also for no boxes.
+    return self.tracker(np.concatenate([xy, xy + wh], axis=1))
 
 
 def link_tracks(boxes, min_iou=0.3):
@@ -259,7 +248,7 @@ class CropAnchors:
         self.next_anchor += 1
         self.current[t] = held
       aid[i], a[i] = held
-    # Tracks absent from this frame are forgotten, as linking forgets them too.
+    # Tracks absent from this frame lose their anchor (a returning track is re-anchored).
     self.current = {t: self.current[t] for t in tids}
     return a, aid
 
