@@ -121,7 +121,7 @@ def test_cached_step_gives_the_uncached_loss(tmp_path):
   data = input_pipeline.TrainData(config.data, config.batch_size, config.seed)
   plain = sharding.shard_batch(data.batch(1), mesh, train_step_lib.TRAIN_KEYS)
   cached = sharding.shard_batch(hard_frames.cached_batch(cache, 1, config.batch_size), mesh)
-  state2 = jax.tree.map(lambda x: x, state)
+  state2 = jax.tree.map(lambda x: x.copy(), state)  # The step donates its input state.
   _, m_plain = step(state, plain)
   _, m_cached = step(state2, cached)
   for k in ('loss', 'heatmap_loss', 'mi/L_uy'):
