@@ -17,8 +17,10 @@ import shutil
 
 from etils import epath
 
-# The extra a URI scheme needs, when neither it nor TensorFlow is installed.
+# What a URI scheme needs: epath's filesystem (gcsfs, s3fs; TensorFlow's gfile also does)
+# and, for gs://, the client orbax looks buckets up with.
 _CLIENTS = {'gs': ('gcsfs', 'google.cloud.storage'), 's3': ('s3fs',)}
+_GFILE_REPLACES = ('gcsfs', 's3fs')
 REQUIREMENTS = {'gs': 'requirements-gcs.txt'}
 
 
@@ -41,15 +43,17 @@ def _installed(module):
 def check_client(p):
   """Raises ImportError naming the extra to install when `p`'s store has no client here."""
   s = scheme(p)
-  if not s or _installed('tensorflow'):
+  if not s:
     return
-  missing = [m for m in _CLIENTS.get(s, ()) if not _installed(m)]
+  gfile = _installed('tensorflow')
+  missing = [m for m in _CLIENTS.get(s, ())
+             if not _installed(m) and not (gfile and m in _GFILE_REPLACES)]
   if missing:
     extra = REQUIREMENTS.get(s)
     how = f'pip install -r {extra}' if extra else f'pip install {" ".join(missing)}'
     raise ImportError(
         f'{os.fspath(p)}: {s}:// paths need {", ".join(missing)} (not installed): {how} '
-        '(or install TensorFlow, whose gfile etils.epath also uses).')
+        '(TensorFlow\'s gfile can stand in for gcsfs/s3fs).')
 
 
 def path(p):
@@ -76,10 +80,6 @@ def write_bytes(p, data):
 
 def write_text(p, text):
   write_bytes(p, text.encode())
-
-
-def read_text(p):
-  return path(p).read_text()
 
 
 def move(src, dst):

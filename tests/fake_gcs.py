@@ -103,6 +103,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
   def log_message(self, fmt, *args):  # Quiet; requests are recorded in store.requests.
     del fmt, args
 
+  def handle(self):
+    try:
+      super().handle()
+    except (BrokenPipeError, ConnectionResetError):
+      pass  # A client that gave up on a response (a cancelled read) is not an error.
+
   # --- Plumbing ------------------------------------------------------------------------
 
   def _body(self):

@@ -63,15 +63,15 @@ def _run(gcs_env, cwd, *args):
 
 @pytest.fixture(scope='module')
 def runs(gcs_env, server, tmp_path_factory):
-  """Train 4 steps + eval, resume to 6 + eval, then batch-evaluate every checkpoint."""
+  """Train 4 steps, resume to 6 + eval, then batch-evaluate the first checkpoint."""
   cwd = tmp_path_factory.mktemp('cwd')
   launch = str(ROOT / 'launch.py')
-  first = _run(gcs_env, cwd, launch, RUNLOCAL, f'--workdir={WORKDIR}')
+  first = _run(gcs_env, cwd, launch, RUNLOCAL, f'--workdir={WORKDIR}', '--mode=train')
   after_first = server.store.names('bucket')
   second = _run(gcs_env, cwd, launch, RUNLOCAL, f'--workdir={WORKDIR}',
                 '--config.num_train_steps=6')
   batch = _run(gcs_env, cwd, '-m', 'tdmi_jax.batch_eval', RUNLOCAL, f'--workdir={WORKDIR}',
-               '--config.num_train_steps=6')
+               '--steps=2')
   return {'cwd': cwd, 'first': first, 'second': second, 'batch': batch,
           'after_first': after_first, 'names': server.store.names('bucket')}
 
@@ -83,12 +83,12 @@ def _read(server, name):
 def test_every_artefact_is_in_the_bucket_and_nothing_local(runs, server, gcs_env):
   names = set(runs['names'])
   run = 'runs/synthetic/'
-  for must in ('config.json', 'metrics.jsonl', 'eval_results.json', 'eval_results_4.json',
+  for must in ('config.json', 'metrics.jsonl', 'eval_results.json', 'eval_results_2.json',
                'eval_results_6.json', 'batch_eval/map_per_step.csv',
                'batch_eval/map_per_step.md', 'batch_eval/map_over_steps.png'):
     assert run + must in names, must
   for prefix in ('checkpoints/2/state/', 'checkpoints/4/state/', 'checkpoints/6/state/',
-                 'predictions/4/', 'predictions/6/', 'overlays/6/', 'tb/events.out.tfevents',
+                 'predictions/2/', 'predictions/6/', 'overlays/6/', 'tb/events.out.tfevents',
                  'data/synthetic/images/val/', 'data/synthetic/annotations/val/',
                  'data/synthetic/detections/val_boxes_coco.json', 'data/tfds/posetrack/'):
     assert any(n.startswith(run + prefix) for n in names), prefix
@@ -100,7 +100,7 @@ def test_every_artefact_is_in_the_bucket_and_nothing_local(runs, server, gcs_env
   rows = [json.loads(l) for l in _read(server, run + 'metrics.jsonl').decode().splitlines()]
   train = [r['step'] for r in rows if r['split'] == 'train']
   assert train == [1, 2, 3, 4, 5, 6]
-  assert [r['step'] for r in rows if r['split'] == 'eval'] == [4, 6]
+  assert [r['step'] for r in rows if r['split'] == 'eval'] == [6]
   png = _read(server, next(n for n in names if n.startswith(run + 'overlays/6/')))
   assert png[:8] == b'\x89PNG\r\n\x1a\n'
 
@@ -115,10 +115,10 @@ def test_rerun_resumed_from_the_bucket(runs):
 def test_batch_eval_reads_the_bucket_and_writes_its_tables_there(runs, server):
   table = list(csv.DictReader(io.StringIO(
       _read(server, 'runs/synthetic/batch_eval/map_per_step.csv').decode())))
-  assert [int(r['step']) for r in table] == [2, 4, 6]
-  result = json.loads(_read(server, 'runs/synthetic/eval_results_6.json'))
-  assert float(table[-1]['Total']) == result['summary']['Total']
-  assert '| 6 |' in runs['batch'].stdout
+  assert [int(r['step']) for r in table] == [2]
+  result = json.loads(_read(server, 'runs/synthetic/eval_results_2.json'))
+  assert result['step'] == 2 and float(table[0]['Total']) == result['summary']['Total']
+  assert '| 2 |' in runs['batch'].stdout
 
 
 def test_lease_refuses_a_second_run_and_is_released(in_process_gcs):

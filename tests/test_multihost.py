@@ -218,3 +218,23 @@ def test_partial_by_hand_environment_fails_naming_the_variables(env, tmp_path):
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert 'JAX_NUM_PROCESSES' in proc.stderr and 'JAX_PROCESS_ID' in proc.stderr
   assert 'Traceback' not in proc.stderr
+
+
+def test_ctrl_c_in_a_multiprocess_run_becomes_the_preemption_signal():
+  """Ctrl-C on one process is forwarded as SIGTERM, which jax's preemption notifier turns
+  into a stop of every process at one step (the test above); alone it stops locally."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from tdmi_jax import train  # pylint: disable=g-import-not-at-top
+  got = []
+  previous = signal.signal(signal.SIGTERM, lambda s, f: got.append(s))  # Stands in for jax's.
+  try:
+    with train._StopRequest(multiprocess=True) as stop:  # pylint: disable=protected-access
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.1)
+      assert got == [signal.SIGTERM] and not stop.local_stop
+    with train._StopRequest(multiprocess=False) as stop:  # pylint: disable=protected-access
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.1)
+      assert stop.local_stop and got == [signal.SIGTERM]
+  finally:
+    signal.signal(signal.SIGTERM, previous)

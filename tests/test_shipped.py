@@ -9,8 +9,8 @@ import pytest
 
 from configs import synthetic
 from tdmi_jax import checkpointing
-from tdmi_jax import optim
 from tdmi_jax import shipped
+from tdmi_jax.models import layers
 from tdmi_jax.models import tdmi
 
 
@@ -20,7 +20,7 @@ def test_shipped_backbone_hash_and_fit():
   assert file.stat().st_size < 4 * 2 ** 20          # "A few MB at most."
   assert shipped.sha256(file) == entry['sha256']
   raw = checkpointing.load_pretrained('shipped:synthetic_small')
-  assert optim.count(raw['params']) == 583201        # The `small` HRNet row.
+  assert layers.count_params(raw['params']) == 583201        # The `small` HRNet row.
   cfg = synthetic.get_config()
   assert cfg.init_from == 'shipped:synthetic_small' and cfg.model.variant == entry['variant']
   model = tdmi.build_model(cfg.model)

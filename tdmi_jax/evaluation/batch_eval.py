@@ -282,8 +282,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  sharding.maybe_initialize_distributed(config.distributed)
   try:
+    sharding.maybe_initialize_distributed(config.distributed)
     rows = map_per_step(config, _WORKDIR.value, _STEPS.value, _REUSE.value)
   except (BatchEvalError, FileNotFoundError, ValueError, ImportError) as e:
     logging.exception('Batch eval failed')
