@@ -85,7 +85,8 @@ def test_runlocal_end_to_end_writes_checkpoints_logs_config(six_steps):
   assert int(state['step']) == 6 and 'backbone' in state['params']
   rows = _rows(workdir)
   assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6]
-  for key in ('loss', 'heatmap_loss', 'lr', 'grad_norm', 'examples_per_sec', 'mi/L_motion'):
+  for key in ('loss', 'heatmap_loss', 'lr', 'grad_norm', 'examples_per_sec', 'mi/L_mi',
+              'mi/I_un_club', 'mi/L_uy', 'club/learning_loss'):
     assert all(np.isfinite(r[key]) for r in rows), key
   (ev,) = _rows(workdir, 'eval')
   assert ev['step'] == 6 and ev['num_boxes'] > 0 and 0.0 <= ev['pck'] <= 1.0
