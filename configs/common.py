@@ -68,6 +68,7 @@ def model_config(variant='hrnet_w48'):
   c.appearance = 'aligned'       # 'aligned' (FAMI-Pose alignment) | 'key_frame'.
   c.motion = 'tde'               # 'tde' | 'none' (ablation: no motion in the fusion).
   c.head_residual = False        # Predict a correction to the backbone's heatmaps.
+  c.residual_base = 'key'        # ... of the key frame | 'window': a learned frame mixture.
   c.useful_head = False          # Heatmaps from M_u alone (mi.objective='variational').
   return c
 

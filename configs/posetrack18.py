@@ -34,6 +34,9 @@ def base_config(dataset, variant):
   config.num_epochs = 20.0
   config.num_train_steps = -1     # > 0 overrides num_epochs.
   config.log_every_steps = 50
+  # grad_norm/<part> of each loss share (heatmap, MI terms) on log steps: one extra
+  # forward and backward per share there, nothing on the other steps.
+  config.log_term_grad_norms = True
   config.eval_every_steps = 0     # Periodic eval during training; 0: only at the end.
   config.init_from = ''           # Workdir/checkpoint of pretrained weights.
   config.init_from_kind = 'backbone'  # 'backbone' | 'full'.

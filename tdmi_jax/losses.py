@@ -215,6 +215,10 @@ def objective(heatmaps, aux, batch, mi_cfg, club_variables=None, step=None,
     loss = l_h + ramp * l_mi
     metrics.update({f'mi/{k}': v for k, v in terms.items()})
     metrics.update({'mi/L_mi': l_mi, 'loss': loss})
+    metrics.update(_contributions(l_h, ramp, {
+        'club': (float(mi_cfg.w_un), terms.get('I_un_club')),
+        'uy': (float(mi_cfg.w_uy), terms.get('L_uy')),
+        'nce': (-float(mi_cfg.w_mu), terms.get('I_mu_nce'))}))
     return loss, metrics
 
   terms = mi_terms(heatmaps, aux, mi_cfg, mask)
@@ -234,7 +238,27 @@ def objective(heatmaps, aux, batch, mi_cfg, club_variables=None, step=None,
   metrics.update({f'mi/{k}': v for k, v in terms.items()})
   metrics.update({'mi/L_motion': l_motion, 'mi/L_mm': l_mm, 'mi/L_reg': l_reg,
                   'loss': loss})
+  metrics.update(_contributions(l_h, ramp, {
+      'motion': (float(mi_cfg.alpha), l_motion), 'mm': (float(mi_cfg.beta), l_mm),
+      'reg': (float(mi_cfg.gamma), l_reg)}))
   return loss, metrics
+
+
+CONTRIB_PREFIX = 'contrib/'
+
+
+def _contributions(l_h, ramp, parts):
+  """{'contrib/<part>': its weighted share of the loss}; the shares sum to the loss.
+
+  parts: {name: (weight, term or None)}. The train step differentiates each share on its
+  own to log per-term gradient norms (`grad_norm/<part>`); parts with weight 0 or no term
+  are left out.
+  """
+  out = {CONTRIB_PREFIX + 'heatmap': l_h}
+  for name, (weight, term) in parts.items():
+    if weight and term is not None:
+      out[CONTRIB_PREFIX + name] = ramp * weight * term
+  return out
 
 
 def club_learning_loss(club_variables, aux, mask=None, mi_cfg=None):

@@ -321,6 +321,7 @@ def _train_and_evaluate(config, workdir, mode, mesh):
     bar = tqdm.tqdm(total=num_steps, initial=start_step, desc='train', dynamic_ncols=True,
                     disable=not sharding.is_writer())
     acc, acc_n, t_log = {}, 0, time.perf_counter()
+    last_term_norms = {}
     step = start_step
     with _StopRequest(multiprocess=jax.process_count() > 1) as stop:
       while step < num_steps:
@@ -336,12 +337,15 @@ def _train_and_evaluate(config, workdir, mode, mesh):
               f'the last good checkpoint is step {ckpts.latest_step()} in {ckpts.directory}. '
               'Lower config.optim.learning_rate or set config.optim.grad_clip_norm.')
         for k, v in metrics.items():
-          acc[k] = acc.get(k, 0.0) + float(v)
+          if k.startswith(train_step_lib.GRAD_NORM_PREFIX):
+            last_term_norms[k] = float(v)   # Computed on log steps only: not a mean.
+          else:
+            acc[k] = acc.get(k, 0.0) + float(v)
         acc_n += 1
         bar.update(1)
         if step % config.log_every_steps == 0 or step == num_steps:
           now = time.perf_counter()
-          means = {k: v / acc_n for k, v in acc.items()}
+          means = {k: v / acc_n for k, v in acc.items()} | last_term_norms
           means['examples_per_sec'] = acc_n * config.batch_size / max(now - t_log, 1e-9)
           means['epoch'] = step / steps_per_epoch
           log.write(step, 'train', means)

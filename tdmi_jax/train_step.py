@@ -15,6 +15,8 @@ from tdmi_jax import sharding as sharding_lib
 
 # Batch entries the step reads; the rest of a batch (crop meta) stays on the host.
 TRAIN_KEYS = ('frames', 'target', 'target_weight', 'mask')
+# Per-term gradient norms: computed on log steps only (train.py keeps the last value).
+GRAD_NORM_PREFIX = 'grad_norm/'
 PCK_THRESHOLD = 0.5  # In units of heatmap_size / 10 (HRNet's training accuracy).
 
 
@@ -65,6 +67,9 @@ def make_train_step(*, model, config, tx, schedule, mask, mesh, club_tx=None,
   base_key = jax.random.key(config.seed)
   freeze_backbone_bn = config.model.backbone.bn == 'frozen'
   mi_cfg = config.get('mi')
+  log_term_grads = bool(config.get('log_term_grad_norms', True))
+  log_every = max(1, int(config.get('log_every_steps', 1)))
+  num_steps = int(config.get('num_train_steps', 0))
 
   def train_step(state, batch):
     rng = jax.random.fold_in(base_key, state.step)
@@ -94,6 +99,10 @@ def make_train_step(*, model, config, tx, schedule, mask, mesh, club_tx=None,
       # SPEC §1 'frozen': the backbone's running statistics never move, whatever the
       # module did with them.
       batch_stats['backbone'] = state.batch_stats['backbone']
+
+    if log_term_grads:
+      metrics = dict(metrics, **_term_grad_norms(
+          loss_fn, trainable, metrics, state.step + 1, log_every, num_steps))
 
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
@@ -129,6 +138,37 @@ def make_train_step(*, model, config, tx, schedule, mask, mesh, club_tx=None,
       in_shardings=(replicated, sharding_lib.data_sharded(mesh)),
       out_shardings=(replicated, replicated),
       donate_argnums=(0,))
+
+
+def _term_grad_norms(loss_fn, trainable, metrics, next_step, log_every, num_steps):
+  """{'grad_norm/<part>': norm of the gradient of each loss share on the trainable params}.
+
+  The shares are the objective's 'contrib/<part>' metrics (losses.CONTRIB_PREFIX). One
+  extra forward and a backward per share, so they run only on the steps whose metrics the
+  driver logs (a runtime cond: the other steps return zeros, which the driver ignores).
+  """
+  from tdmi_jax import losses  # pylint: disable=g-import-not-at-top
+  prefix = losses.CONTRIB_PREFIX
+  names = sorted(k for k in metrics if k.startswith(prefix))
+  if len(names) < 2:
+    return {}
+
+  def shares(t):
+    return {k: loss_fn(t)[1][0][k] for k in names}
+
+  def compute(_):
+    _, vjp = jax.vjp(shares, trainable)
+    out = {}
+    for k in names:
+      (g,) = vjp({j: jnp.float32(j == k) for j in names})
+      out[GRAD_NORM_PREFIX + k[len(prefix):]] = optax.tree.norm(g).astype(jnp.float32)
+    return out
+
+  def skip(_):
+    return {GRAD_NORM_PREFIX + k[len(prefix):]: jnp.float32(0.0) for k in names}
+
+  logged = (next_step % log_every == 0) | (next_step == num_steps)
+  return jax.lax.cond(logged, compute, skip, None)
 
 
 def pck_counts(heatmaps, target, target_weight, mask):

@@ -174,3 +174,21 @@ def test_quick_real_run(tmp_path):
   hard_frames.main(['--workdir', str(tmp_path), '--quick', '--variants', 'tdmi_no_mi'])
   after = {p: p.stat().st_mtime for p in (tmp_path / 'runs').glob('*/result.json')}
   assert before == after
+
+
+def test_window_oracle_rules_and_cli(tmp_path):
+  from tdmi_jax.experiments import window_oracle  # pylint: disable=g-import-not-at-top
+  h = np.random.default_rng(0).uniform(size=(2, 5, 4, 3, 17)).astype(np.float32)
+  h[:, 2] += 100.0  # The key frame: only rules that read it see this.
+  np.testing.assert_allclose(window_oracle.RULES['neighbours'](h), (h[:, 1] + h[:, 3]) / 2)
+  np.testing.assert_allclose(window_oracle.RULES['key'](h), h[:, 2])
+  assert window_oracle.RULES['max5'](h).min() >= 100.0
+  out = window_oracle.main(['--workdir', str(tmp_path), '--config_arg', 'runlocal',
+                            '--rules', 'key,neighbours'])
+  assert set(out) == {'key', 'neighbours'}
+  for row in out.values():
+    assert 0.0 <= row['all'] <= 100.0
+  assert json.loads((tmp_path / 'oracle.json').read_text()) == out
+  assert out['key'] != out['neighbours']
+  with pytest.raises(SystemExit):
+    window_oracle.main(['--workdir', str(tmp_path), '--rules', 'median'])

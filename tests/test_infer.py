@@ -181,8 +181,10 @@ def test_streaming_memory_is_bounded_by_the_window_on_a_long_video(tiny_workdir,
     assert stats['max_cache_entries'] <= 10
     # Each frame's backbone ran once except where the track's crop moved.
     assert stats['backbone_passes'] < 2 * num_frames
-  # Every array allocated meanwhile (decoded frames, crops, overlays, heatmaps): tripling
-  # the length adds at most a frame's worth (the per-frame results), where holding the
-  # clip would add 80 frames.
-  assert peaks[120] < peaks[40] + frame_bytes, {k: v / frame_bytes for k, v in peaks.items()}
+  # Every array allocated meanwhile (decoded frames, crops, overlays, heatmaps): holding
+  # the clip would add 80 frames' worth when the length triples. Streaming adds only the
+  # per-frame results and allocator noise (measured 0.6-1.8 frames; the bound leaves room
+  # for a loaded CI machine while still failing at a tenth of the clip).
+  assert peaks[120] < peaks[40] + 8 * frame_bytes, {
+      k: v / frame_bytes for k, v in peaks.items()}
   assert peaks[120] < 30 * frame_bytes, peaks[120] / frame_bytes

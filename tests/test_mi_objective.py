@@ -208,15 +208,18 @@ def _model_cfg(**kw):
 
 
 def _init(cfg, hw=(64, 32)):
+  """(model, variables, frames, apply): `apply(variables, frames)` is the jitted eval call
+  (eager calls of the whole model cost a minute each on 2 cores)."""
   model = tdmi.build_model(cfg)
   frames = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, *hw, 3)), jnp.float32)
-  variables = model.init(jax.random.key(0), frames, train=False)
-  return model, variables, frames
+  variables = jax.jit(lambda r, f: model.init(r, f, train=False))(jax.random.key(0), frames)
+  apply = jax.jit(lambda v, f: model.apply(v, f, train=False))
+  return model, variables, frames, apply
 
 
 def test_rdm_complement_splits_the_motion_exactly():
-  model, variables, frames = _init(_model_cfg(rdm_noisy='complement', useful_head=True))
-  _, aux = model.apply(variables, frames, train=False)
+  _, variables, frames, apply = _init(_model_cfg(rdm_noisy='complement', useful_head=True))
+  _, aux = apply(variables, frames)
   np.testing.assert_allclose(aux['useful'] + aux['noisy'], aux['motion'], atol=1e-5)
   assert 'noisy_fc1' not in variables['params']['rdm']
   assert aux['useful_task_heatmaps'].shape == aux['backbone_heatmaps'].shape
@@ -225,21 +228,52 @@ def test_rdm_complement_splits_the_motion_exactly():
 
 
 def test_motion_none_keeps_motion_out_of_the_prediction():
-  model, variables, frames = _init(_model_cfg(motion='none'))
-  base, _ = model.apply(variables, frames, train=False)
+  _, variables, frames, apply = _init(_model_cfg(motion='none'))
+  base, _ = apply(variables, frames)
   params = jax.tree.map(lambda x: x + 0.5, variables['params']['tde'])
-  changed, _ = model.apply(dict(variables, params=dict(variables['params'], tde=params)),
-                           frames, train=False)
+  changed, _ = apply(dict(variables, params=dict(variables['params'], tde=params)), frames)
   np.testing.assert_array_equal(base, changed)
   with pytest.raises(ValueError, match='model.motion'):
     tdmi.build_model(_model_cfg(motion='flow'))
+
+
+def test_window_residual_mixes_the_frames_backbone_heatmaps():
+  cfg = _model_cfg(head_residual=True, residual_base='window')
+  model, variables, frames, apply = _init(cfg)
+  # Silence the fusion head's own correction so the output is the mixture alone.
+  params = jax.tree.map(lambda x: x, variables['params'])
+  params['head']['final'] = jax.tree.map(jnp.zeros_like, params['head']['final'])
+  variables = dict(variables, params=params)
+  heat, aux = apply(variables, frames)
+  w = aux['frame_weights']
+  np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
+  # Starts near the key frame alone: softmax of (0, 0, KEY_LOGIT, 0, 0).
+  key_w = np.exp(tdmi.KEY_LOGIT) / (np.exp(tdmi.KEY_LOGIT) + 4)
+  np.testing.assert_allclose(w[..., 2], key_w, atol=1e-3)
+  # The mixture is of the five frames' own backbone heatmaps (plus the head's correction).
+  backbone = tdmi.backbone_apply(model, variables, frames.reshape(-1, *frames.shape[2:]))[0]
+  window = backbone.reshape(frames.shape[0], 5, *backbone.shape[1:])
+  mixed = np.einsum('bhwt,bthwk->bhwk', w, window)
+  np.testing.assert_allclose(heat, mixed, rtol=1e-4, atol=1e-6 * float(jnp.abs(window).max()))
+  assert not np.allclose(mixed, window[:, 2], rtol=1e-3, atol=0)
+  # The weights train: the loss reaches the 1x1 conv that predicts them.
+  target = jnp.asarray(np.random.default_rng(2).uniform(size=heat.shape), jnp.float32)
+
+  def loss(params):
+    h, _ = apply(dict(variables, params=params), frames)
+    return jnp.mean((h - target) ** 2)
+
+  g = jax.jit(jax.grad(loss))(variables['params'])
+  assert float(jnp.abs(g['frame_weights']['bias']).max()) > 0
+  with pytest.raises(ValueError, match='residual_base'):
+    tdmi.build_model(_model_cfg(head_residual=True, residual_base='average'))
 
 
 def test_trainable_backbone_head_gets_a_gradient():
   # H(.) of I_uy / I_ay is the backbone's final conv: with a jointly trained backbone it
   # must be supervised, or it stays a random head (it got exactly zero gradient before).
   cfg = _model_cfg(**{'backbone.frozen': False, 'backbone.bn': 'live'})
-  model, variables, frames = _init(cfg)
+  model, variables, frames, _ = _init(cfg)
   rng = np.random.default_rng(1)
   heat_shape = (2, 16, 8, 17)
   batch = {'target': jnp.asarray(rng.uniform(size=heat_shape), jnp.float32),
@@ -251,9 +285,10 @@ def test_trainable_backbone_head_gets_a_gradient():
                               mutable=['batch_stats'])
     return losses.objective(h, aux, batch, mi_cfg, backbone_trainable=trainable_backbone)[0]
 
+  both = jax.jit(lambda p: {f: jax.grad(loss)(p, f) for f in (False, True)})(
+      variables['params'])
   for flag, nonzero in ((False, False), (True, True)):
-    g = jax.grad(loss)(variables['params'], flag)
-    norm = float(jnp.linalg.norm(g['backbone']['final_layer']['kernel']))
+    norm = float(jnp.linalg.norm(both[flag]['backbone']['final_layer']['kernel']))
     assert (norm > 0) == nonzero, (flag, norm)
 
 
@@ -268,7 +303,7 @@ def _mi_to_lh_ratios(image_hw, sigma):
   h, w = image_hw
   rng = np.random.default_rng(0)
   frames = jnp.asarray(rng.normal(size=(2, 5, h, w, 3)), jnp.float32)
-  variables = model.init(jax.random.key(0), frames, train=False)
+  variables = jax.jit(lambda r, f: model.init(r, f, train=False))(jax.random.key(0), frames)
   hh, ww = h // 4, w // 4
   yy, xx = np.mgrid[:hh, :ww]
   cy, cx = rng.uniform(0.3, 0.7, size=(2, 17)) * hh, rng.uniform(0.3, 0.7, size=(2, 17)) * ww
@@ -286,11 +321,17 @@ def _mi_to_lh_ratios(image_hw, sigma):
     total, m = losses.objective(hm, aux, batch, cfg.mi, club_variables=cv)
     return m['heatmap_loss'], total - m['heatmap_loss']
 
-  l_h, l_mi = parts(trainable)
-  g_h = jax.grad(lambda p: parts(p)[0])(trainable)
-  g_mi = jax.grad(lambda p: parts(p)[1])(trainable)
-  norm = lambda g: float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g))))
-  return float(l_mi) / float(l_h), norm(g_mi) / norm(g_h)
+  norm = lambda g: jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g)))
+
+  @jax.jit
+  def ratios(trainable):
+    l_h, l_mi = parts(trainable)
+    g_h = jax.grad(lambda p: parts(p)[0])(trainable)
+    g_mi = jax.grad(lambda p: parts(p)[1])(trainable)
+    return l_mi / l_h, norm(g_mi) / norm(g_h)
+
+  value, grad = ratios(trainable)
+  return float(value), float(grad)
 
 
 def test_default_objective_transfers_across_heatmap_sizes():

@@ -29,6 +29,10 @@ Fields of `config.model` (`configs/common.py:model_config`):
                    key-frame heatmaps (gradient-stopped) instead of the heatmaps themselves:
                    TDMI then starts from the single-frame estimate and learns what the
                    neighbouring frames change (a departure from the paper, see docs/design.md).
+  residual_base    what head_residual corrects: 'key' (the key frame's backbone heatmaps) |
+                   'window' (a per-pixel softmax mixture of the five frames' backbone
+                   heatmaps, its weights a 1x1 conv of F~, starting near the key frame;
+                   aux 'frame_weights' [B, h, w, 5]).
   useful_head      also predict heatmaps from M_u alone with a 3x3 conv (aux
                    'useful_task_heatmaps'): the task term of mi.objective='variational'.
   appearance       'aligned' (FAMI-Pose alignment, F_app) | 'key_frame' (F_app = F_t).
@@ -51,6 +55,10 @@ from tdmi_jax.models import tde as tde_lib
 
 Dtype = Any
 NUM_FRAMES = 5
+# residual_base='window': initial logit of the key frame (the others 0), so the mixture
+# starts at 93% key frame, 1.7% each neighbour: near the single-frame estimate, with a
+# softmax gradient (w(1 - w) = 0.07) large enough to learn from in a few hundred steps.
+KEY_LOGIT = 4.0
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -69,6 +77,7 @@ class TDMI(nn.Module):
   appearance: str = 'aligned'
   motion: str = 'tde'
   head_residual: bool = False
+  residual_base: str = 'key'
   useful_head: bool = False
 
   @nn.compact
@@ -101,11 +110,12 @@ class TDMI(nn.Module):
       all_heatmaps, baux = backbone(frames.reshape(b * t, h, w, -1), train=train)
       split = lambda x: maybe_stop(x.reshape(b, t, *x.shape[1:]))
       stage_features = [split(f) for f in baux['features']]
-      backbone_heatmaps = split(all_heatmaps)[:, key]
+      window_heatmaps = split(all_heatmaps)
     else:
       all_heatmaps, stage_features = backbone_outputs
       stage_features = [maybe_stop(f) for f in stage_features]
-      backbone_heatmaps = maybe_stop(all_heatmaps)[:, key]
+      window_heatmaps = maybe_stop(all_heatmaps)
+    backbone_heatmaps = window_heatmaps[:, key]
 
     c = self.spec.width
     motion = tde_lib.TemporalDifferenceEncoder(
@@ -123,8 +133,24 @@ class TDMI(nn.Module):
     fusion_motion = useful if self.motion == 'tde' else jnp.zeros_like(useful)
     heatmaps, fused = head_lib.FusionHead(c, self.num_joints, dtype=self.dtype, name='head')(
         fusion_motion, app, train=train)
+    extra = {}
     if self.head_residual:
-      heatmaps = heatmaps + jax.lax.stop_gradient(backbone_heatmaps).astype(heatmaps.dtype)
+      if self.residual_base == 'key':
+        base = jax.lax.stop_gradient(backbone_heatmaps)
+      else:
+        # 'window': per pixel, a softmax over the five frames' own backbone heatmaps,
+        # weighted from the fused TDMI feature F~ (motion and aligned appearance). It
+        # starts near the key frame alone (bias KEY_LOGIT on the key) and learns where a
+        # neighbour is the better witness, e.g. when the key frame is blurred or occluded.
+        bias = jnp.zeros((NUM_FRAMES,), jnp.float32).at[key].set(KEY_LOGIT)
+        logits = nn.Conv(NUM_FRAMES, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
+                         kernel_init=layers.conv_init, bias_init=lambda *_: bias,
+                         name='frame_weights')(fused)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        base = jnp.einsum('bhwt,bthwk->bhwk', weights,
+                          jax.lax.stop_gradient(window_heatmaps).astype(jnp.float32))
+        extra['frame_weights'] = weights
+      heatmaps = heatmaps + base.astype(heatmaps.dtype)
 
     # H(X): the backbone's final conv with its weights gradient-stopped, for the MI terms.
     final = backbone.variables['params']['final_layer']
@@ -139,6 +165,7 @@ class TDMI(nn.Module):
         'useful_heatmaps': f32(backbone_head(useful)),
         'appearance_heatmaps': f32(backbone_head(app)),
     }
+    aux.update(extra)
     if self.useful_head:
       aux['useful_task_heatmaps'] = f32(layers.conv(
           self.num_joints, 3, use_bias=True, dtype=self.dtype, name='useful_head')(useful))
@@ -204,6 +231,8 @@ def build_model(model_cfg: ml_collections.ConfigDict) -> TDMI:
       appearance=_choice(model_cfg.appearance, 'appearance', ('aligned', 'key_frame')),
       motion=_choice(model_cfg.get('motion', 'tde'), 'motion', ('tde', 'none')),
       head_residual=bool(model_cfg.get('head_residual', False)),
+      residual_base=_choice(model_cfg.get('residual_base', 'key'), 'residual_base',
+                            ('key', 'window')),
       useful_head=bool(model_cfg.get('useful_head', False)),
   )
 
