@@ -317,6 +317,11 @@ def _train_and_evaluate(config, workdir, mode, mesh):
     train_step = train_step_lib.make_train_step(
         model=model, config=config, tx=tx, schedule=schedule, mask=mask, mesh=mesh,
         club_tx=club_tx)
+    term_grad_norms = None
+    if config.get('log_term_grad_norms', True) and config.model.arch == 'tdmi' and (
+        config.mi.enabled):
+      term_grad_norms = train_step_lib.make_term_grad_norms(
+          model=model, config=config, mask=mask, mesh=mesh)
     batches = train_data.iterator(start_step)
     bar = tqdm.tqdm(total=num_steps, initial=start_step, desc='train', dynamic_ncols=True,
                     disable=not sharding.is_writer())
@@ -326,9 +331,13 @@ def _train_and_evaluate(config, workdir, mode, mesh):
     with _StopRequest(multiprocess=jax.process_count() > 1) as stop:
       while step < num_steps:
         batch = sharding.shard_batch(next(batches), mesh, train_step_lib.TRAIN_KEYS)
+        term_norms = {}
+        if term_grad_norms is not None and (
+            (step + 1) % config.log_every_steps == 0 or step + 1 == num_steps):
+          term_norms = term_grad_norms(state, batch)  # Before the step donates the state.
         state, metrics = train_step(state, batch)
         # One host sync per step: it lets a NaN stop the run before any bad state is saved.
-        metrics = jax.device_get(metrics)
+        metrics = jax.device_get(metrics) | jax.device_get(term_norms)
         step += 1
         if not np.isfinite(metrics['loss']):
           raise NonFiniteLossError(

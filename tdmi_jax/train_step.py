@@ -15,7 +15,7 @@ from tdmi_jax import sharding as sharding_lib
 
 # Batch entries the step reads; the rest of a batch (crop meta) stays on the host.
 TRAIN_KEYS = ('frames', 'target', 'target_weight', 'mask')
-# Per-term gradient norms: computed on log steps only (train.py keeps the last value).
+# Per-term gradient norms (make_term_grad_norms): the driver computes them on log steps.
 GRAD_NORM_PREFIX = 'grad_norm/'
 PCK_THRESHOLD = 0.5  # In units of heatmap_size / 10 (HRNet's training accuracy).
 
@@ -67,30 +67,11 @@ def make_train_step(*, model, config, tx, schedule, mask, mesh, club_tx=None,
   base_key = jax.random.key(config.seed)
   freeze_backbone_bn = config.model.backbone.bn == 'frozen'
   mi_cfg = config.get('mi')
-  log_term_grads = bool(config.get('log_term_grad_norms', True))
-  log_every = max(1, int(config.get('log_every_steps', 1)))
-  num_steps = int(config.get('num_train_steps', 0))
 
   def train_step(state, batch):
-    rng = jax.random.fold_in(base_key, state.step)
     trainable, frozen = optim.split_params(state.params, mask)
-    club_vars = None
-    if state.club_params is not None:
-      club_vars = {'params': jax.lax.stop_gradient(state.club_params)}
-
-    def loss_fn(trainable):
-      params = optim.merge_params(trainable, frozen)
-      args, inputs_kw = model_inputs(batch)
-      (heatmaps, aux), updates = model.apply(
-          {'params': params, 'batch_stats': state.batch_stats}, *args,
-          train=True, mutable=['batch_stats'], rngs={'dropout': rng}, **inputs_kw)
-      kwargs = {}
-      if own_objective:
-        kwargs = dict(step=state.step, backbone_trainable=not config.model.backbone.frozen)
-      if club_vars is not None:
-        kwargs['club_variables'] = club_vars
-      loss, metrics = objective_fn(heatmaps, aux, batch, mi_cfg, **kwargs)
-      return loss, (metrics, updates.get('batch_stats', {}), aux)
+    loss_fn = _loss_closure(model, config, objective_fn, own_objective, base_key, state,
+                            frozen, batch)
 
     (loss, (metrics, batch_stats, aux)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(trainable)
@@ -99,10 +80,6 @@ def make_train_step(*, model, config, tx, schedule, mask, mesh, club_tx=None,
       # SPEC §1 'frozen': the backbone's running statistics never move, whatever the
       # module did with them.
       batch_stats['backbone'] = state.batch_stats['backbone']
-
-    if log_term_grads:
-      metrics = dict(metrics, **_term_grad_norms(
-          loss_fn, trainable, metrics, state.step + 1, log_every, num_steps))
 
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
@@ -140,35 +117,63 @@ def make_train_step(*, model, config, tx, schedule, mask, mesh, club_tx=None,
       donate_argnums=(0,))
 
 
-def _term_grad_norms(loss_fn, trainable, metrics, next_step, log_every, num_steps):
-  """{'grad_norm/<part>': norm of the gradient of each loss share on the trainable params}.
+def _loss_closure(model, config, objective_fn, own_objective, base_key, state, frozen,
+                  batch):
+  """`loss_fn(trainable) -> (loss, (metrics, batch_stats updates, aux))` of one step."""
+  rng = jax.random.fold_in(base_key, state.step)
+  club_vars = None
+  if state.club_params is not None:
+    club_vars = {'params': jax.lax.stop_gradient(state.club_params)}
 
-  The shares are the objective's 'contrib/<part>' metrics (losses.CONTRIB_PREFIX). One
-  extra forward and a backward per share, so they run only on the steps whose metrics the
-  driver logs (a runtime cond: the other steps return zeros, which the driver ignores).
+  def loss_fn(trainable):
+    params = optim.merge_params(trainable, frozen)
+    args, inputs_kw = model_inputs(batch)
+    (heatmaps, aux), updates = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, *args,
+        train=True, mutable=['batch_stats'], rngs={'dropout': rng}, **inputs_kw)
+    kwargs = {}
+    if own_objective:
+      kwargs = dict(step=state.step, backbone_trainable=not config.model.backbone.frozen)
+    if club_vars is not None:
+      kwargs['club_variables'] = club_vars
+    loss, metrics = objective_fn(heatmaps, aux, batch, config.get('mi'), **kwargs)
+    return loss, (metrics, updates.get('batch_stats', {}), aux)
+
+  return loss_fn
+
+
+def make_term_grad_norms(*, model, config, mask, mesh):
+  """`term_grad_norms(state, batch) -> {'grad_norm/<part>': norm}`, jitted.
+
+  The norm, on the trainable parameters, of the gradient of each weighted share of the loss
+  (the objective's 'contrib/<part>' metrics, losses.CONTRIB_PREFIX) at `state`: what the
+  train step on the same (state, batch) would combine. One forward and one backward per
+  share, so the driver calls it on log steps only, before the step (which donates the
+  state); a separate program, so the train step itself compiles and runs as before.
+  Returns {} when the objective has fewer than two shares (heatmap loss alone).
   """
   from tdmi_jax import losses  # pylint: disable=g-import-not-at-top
+  objective_fn, _ = _default_objective()
+  base_key = jax.random.key(config.seed)
   prefix = losses.CONTRIB_PREFIX
-  names = sorted(k for k in metrics if k.startswith(prefix))
-  if len(names) < 2:
-    return {}
 
-  def shares(t):
-    return {k: loss_fn(t)[1][0][k] for k in names}
-
-  def compute(_):
-    _, vjp = jax.vjp(shares, trainable)
+  def term_grad_norms(state, batch):
+    trainable, frozen = optim.split_params(state.params, mask)
+    loss_fn = _loss_closure(model, config, objective_fn, True, base_key, state, frozen,
+                            batch)
+    shares = lambda t: {k: v for k, v in loss_fn(t)[1][0].items() if k.startswith(prefix)}
+    values, vjp = jax.vjp(shares, trainable)
+    if len(values) < 2:
+      return {}
     out = {}
-    for k in names:
-      (g,) = vjp({j: jnp.float32(j == k) for j in names})
+    for k in values:
+      (g,) = vjp({j: jnp.float32(j == k) for j in values})
       out[GRAD_NORM_PREFIX + k[len(prefix):]] = optax.tree.norm(g).astype(jnp.float32)
     return out
 
-  def skip(_):
-    return {GRAD_NORM_PREFIX + k[len(prefix):]: jnp.float32(0.0) for k in names}
-
-  logged = (next_step % log_every == 0) | (next_step == num_steps)
-  return jax.lax.cond(logged, compute, skip, None)
+  replicated = sharding_lib.replicated(mesh)
+  return jax.jit(term_grad_norms, in_shardings=(replicated, sharding_lib.data_sharded(mesh)),
+                 out_shardings=replicated)
 
 
 def pck_counts(heatmaps, target, target_weight, mask):

@@ -86,8 +86,12 @@ def test_runlocal_end_to_end_writes_checkpoints_logs_config(six_steps):
   rows = _rows(workdir)
   assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6]
   for key in ('loss', 'heatmap_loss', 'lr', 'grad_norm', 'examples_per_sec', 'mi/L_mi',
-              'mi/I_un_club', 'mi/L_uy', 'club/learning_loss'):
+              'mi/I_un_club', 'mi/L_uy', 'club/learning_loss', 'grad_norm/heatmap',
+              'grad_norm/uy', 'grad_norm/club'):
     assert all(np.isfinite(r[key]) for r in rows), key
+  # Every step is a log step in runlocal: the per-term norms are real values, not the
+  # zeros of a skipped step.
+  assert all(r['grad_norm/heatmap'] > 0 and r['grad_norm/uy'] > 0 for r in rows)
   (ev,) = _rows(workdir, 'eval')
   assert ev['step'] == 6 and ev['num_boxes'] > 0 and 0.0 <= ev['pck'] <= 1.0
   assert ev['heatmap_loss'] > 0

@@ -302,18 +302,15 @@ def test_real_tiny_tdmi_frozen_backbone_sharded_equals_single_device():
   assert all(v for k, v in moved.items() if k.endswith("['kernel']")), moved
 
 
-def test_per_term_gradient_norms_are_logged_on_log_steps_only():
+def test_per_term_gradient_norms_match_each_share_on_its_own():
   mesh = sharding.make_mesh(jax.devices()[:1])
   config = _config()
-  config.log_every_steps = 2
-  config.num_train_steps = 3
-  model, st, step = _setup(config, mesh)
+  model, st, _ = _setup(config, mesh)
   batch = _batch()
   sharded = sharding.shard_batch(batch, mesh, train_step_lib.TRAIN_KEYS)
   params = jax.device_get(st.params)
   trainable, frozen = optim.split_params(params, _mask(params))
 
-  # The heatmap share's gradient, computed independently of the step.
   def shares(t):
     (heat, aux), _ = model.apply(
         {'params': optim.merge_params(t, frozen), 'batch_stats': st.batch_stats},
@@ -322,24 +319,17 @@ def test_per_term_gradient_norms_are_logged_on_log_steps_only():
     return losses.objective(heat, aux, batch, config.mi, step=0)[1]
 
   ref = shares(trainable)
-  g_h = jax.grad(lambda t: shares(t)['heatmap_loss'])(trainable)
   parts = sorted(k for k in ref if k.startswith('contrib/'))
   assert parts == ['contrib/heatmap', 'contrib/mm', 'contrib/motion', 'contrib/reg']
   np.testing.assert_allclose(sum(float(ref[k]) for k in parts), float(ref['loss']), rtol=1e-5)
-
-  logged = []
-  for _ in range(3):
-    st, metrics = step(st, sharded)
-    logged.append({k: float(v) for k, v in metrics.items() if k.startswith('grad_norm/')})
-  names = {'grad_norm/' + k[len('contrib/'):] for k in parts}
-  assert all(set(m) == names for m in logged)
-  # Step 1 is not a log step (every 2, last 3): zeros. Steps 2 and 3 are.
-  assert all(v == 0.0 for v in logged[0].values())
-  assert all(v > 0.0 for m in logged[1:] for v in m.values()), logged
-  # Step 1's heatmap share, recomputed on the first state, matches the independent value.
-  config_every = config.copy_and_resolve_references()
-  config_every.log_every_steps = 1
-  _, st1, step1 = _setup(config_every, mesh)
-  _, m1 = step1(st1, sharded)
-  np.testing.assert_allclose(float(m1['grad_norm/heatmap']), float(optax.tree.norm(g_h)),
-                             rtol=1e-4)
+  norms = train_step_lib.make_term_grad_norms(model=model, config=config,
+                                              mask=_mask(params), mesh=mesh)(st, sharded)
+  assert set(norms) == {'grad_norm/' + k[len('contrib/'):] for k in parts}
+  for k in parts:  # Each share differentiated independently of the project's code.
+    g = jax.grad(lambda t, k=k: shares(t)[k])(trainable)
+    np.testing.assert_allclose(float(norms['grad_norm/' + k[len('contrib/'):]]),
+                               float(optax.tree.norm(g)), rtol=1e-4, err_msg=k)
+  # The heatmap loss alone has one share: nothing to split.
+  config.mi.enabled = False
+  assert train_step_lib.make_term_grad_norms(model=model, config=config, mask=_mask(params),
+                                             mesh=mesh)(st, sharded) == {}
