@@ -9,8 +9,9 @@ and converting the COCO HRNet-W48 weights with `python -m tdmi_jax.convert_torch
 Variants: `:variant=hrnet_w48|hrnet_w32|tiny`, and `runlocal` (tiny model, small crops,
 a few steps: a smoke test of a real download on CPU).
 
-Expected result: the paper reports 83.6 val mAP (Total) on PoseTrack18 (SPEC §9; this
-project has not measured it yet). Global batch 32 on 8 accelerators; 20 epochs with the lr
+Expected result: the paper reports 83.6 val mAP (Total) on PoseTrack18 with its MI
+objective (SPEC §9; this project has not measured it yet, and ships the MI terms off by
+default, see the comment on config.mi below and RESULTS.md). Global batch 32 on 8 accelerators; 20 epochs with the lr
 x0.1 at epochs 8, 12, 16. Without config.init_from the backbone is random and frozen, which
 trains nothing useful: the run logs a warning.
 """
@@ -27,6 +28,12 @@ def base_config(dataset, variant):
   config.model = common.model_config(variant)
   config.data = common.data_config(dataset)
   config.mi = common.mi_config()
+  # Off by default (issue 10's rule: ship an MI objective only if it is not worse than the
+  # heatmap loss alone). Measured on the synthetic data (RESULTS.md): the reference
+  # surrogate at the SPEC's weight 1 collapsed the paper's head (mAP 0.6 against 28.1), and
+  # the bounded 'variational' objective trained worse than no MI on the window head.
+  # `--config.mi.enabled=True` restores the reference's seven terms (bounded surrogate).
+  config.mi.enabled = False
   config.optim = common.optim_config()
   config.checkpoint = common.checkpoint_config()
   config.batch_size = 32          # Global, over all devices and hosts.
