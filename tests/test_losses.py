@@ -12,7 +12,8 @@ from tdmi_jax.models import mi
 
 B, H, W, C, K = 2, 8, 6, 4, 3
 METRIC_KEYS = {'loss', 'heatmap_loss', 'mi/I_un', 'mi/I_mu', 'mi/I_ua', 'mi/I_uf',
-               'mi/I_af', 'mi/I_uy', 'mi/I_ay', 'mi/L_motion', 'mi/L_mm', 'mi/L_reg', 'mi/ramp'}
+               'mi/I_af', 'mi/I_uy', 'mi/I_ay', 'mi/L_motion', 'mi/L_mm', 'mi/L_reg', 'mi/ramp',
+               'contrib/heatmap', 'contrib/motion', 'contrib/mm', 'contrib/reg'}
 # V(A -> B) of each term, written out again from SPEC §6 to check the wiring.
 SPEC_TERMS = {
     'I_un': ('useful', 'noisy'), 'I_mu': ('motion', 'useful'),
@@ -92,6 +93,10 @@ def test_objective_terms_groups_and_total(divergence):
   loss, m = losses.objective(heatmaps, aux, data, cfg)
   assert set(m) == METRIC_KEYS
   assert all(np.isfinite(float(v)) and jnp.asarray(v).shape == () for v in m.values())
+  # The weighted shares (what grad_norm/<part> differentiates) add up to the loss.
+  np.testing.assert_allclose(sum(float(v) for k, v in m.items() if k.startswith('contrib/')),
+                             float(loss), rtol=1e-5)
+  np.testing.assert_allclose(float(m['contrib/mm']), 0.7 * float(m['mi/L_mm']), rtol=1e-5)
   maps = dict(aux, heatmaps=heatmaps)
   for name, (a, b) in SPEC_TERMS.items():
     want = jnp.mean(mi.divergence(maps[a], maps[b], tau=0.05, kind=divergence))
