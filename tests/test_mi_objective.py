@@ -10,6 +10,7 @@ from tdmi_jax import losses
 from tdmi_jax import optim
 from tdmi_jax.models import mi
 from tdmi_jax.models import tdmi
+from tests import test_tdmi
 
 
 def _gaussian_pair(n, rho, dims, seed=0):
@@ -196,15 +197,8 @@ def test_club_critic_learns_on_standardised_samples():
 # --- Model options -------------------------------------------------------------------------
 
 
-def _model_cfg(**kw):
-  cfg = common.model_config('tiny')
-  for k, v in kw.items():
-    node = cfg
-    *parents, leaf = k.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return cfg
+# The tiny model config with dotted overrides: the same helper as the model tests'.
+_model_cfg = test_tdmi._cfg  # pylint: disable=protected-access
 
 
 def _init(cfg, hw=(64, 32)):
