@@ -33,6 +33,7 @@ class Checkpoints:
 
   def __init__(self, directory, ckpt_cfg=None, *, read_only=False):
     self.directory = paths.path(directory)
+    self.every_steps = (ckpt_cfg.get('every_steps') or 1) if ckpt_cfg is not None else 1
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     else:
@@ -57,6 +58,10 @@ class Checkpoints:
 
   def all_steps(self):
     return sorted(self.manager.all_steps())
+
+  def interval_due(self, step):
+    """Whether the interval policy saves at `step` (the driver checks the state first)."""
+    return int(step) % self.every_steps == 0
 
   def reached_preemption(self, step):
     """True on every process at the same step once any of them got SIGTERM (multi-process

@@ -26,6 +26,7 @@ import time
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorboardX
@@ -200,6 +201,21 @@ class _Log:
       self.tb.close()
 
 
+@jax.jit
+def _add(sums, metrics):
+  return jax.tree.map(jnp.add, sums, metrics)
+
+
+@jax.jit
+def _watch_nonfinite(watch, metrics, step):
+  """{'step': the first step whose loss is NaN/Inf (-1: none yet), its metrics}."""
+  if watch is None:
+    watch = {'step': jnp.int32(-1)} | {k: jnp.zeros_like(v) for k, v in metrics.items()}
+  hit = (watch['step'] < 0) & ~jnp.isfinite(metrics['loss'])
+  out = {'step': jnp.where(hit, step, watch['step'])}
+  return out | {k: jnp.where(hit, v, watch[k]) for k, v in metrics.items()}
+
+
 def _val_metrics(config, workdir, step, state, eval_step, eval_data, mesh):
   """Val heatmap loss and PCK on GT person boxes (+ the mAP hook on detector boxes)."""
   totals = None
@@ -325,43 +341,64 @@ def _train_and_evaluate(config, workdir, mode, mesh):
     batches = train_data.iterator(start_step)
     bar = tqdm.tqdm(total=num_steps, initial=start_step, desc='train', dynamic_ncols=True,
                     disable=not sharding.is_writer())
-    acc, acc_n, t_log = {}, 0, time.perf_counter()
-    last_term_norms = {}
+    # Metrics stay on the devices (sums since the last log, and the first non-finite
+    # loss): the host reads them at log steps and before each save only, so the loop
+    # never waits on a step it does not need to.
+    sums, watch, term_norms, acc_n = None, None, {}, 0
+    wait_s, t_log = 0.0, time.perf_counter()
     step = start_step
+
+    def next_batch():
+      nonlocal wait_s
+      t0 = time.perf_counter()
+      out = sharding.shard_batch(next(batches), mesh, train_step_lib.TRAIN_KEYS)
+      wait_s += time.perf_counter() - t0
+      return out
+
+    batch = next_batch() if step < num_steps else None
     with _StopRequest(multiprocess=jax.process_count() > 1) as stop:
       while step < num_steps:
-        batch = sharding.shard_batch(next(batches), mesh, train_step_lib.TRAIN_KEYS)
-        term_norms = {}
-        if term_grad_norms is not None and (
-            (step + 1) % config.log_every_steps == 0 or step + 1 == num_steps):
+        log_due = (step + 1) % config.log_every_steps == 0 or step + 1 == num_steps
+        if term_grad_norms is not None and log_due:
           term_norms = term_grad_norms(state, batch)  # Before the step donates the state.
+        previous = None if sums is None else sums['loss']
         state, metrics = train_step(state, batch)
-        # One host sync per step: it lets a NaN stop the run before any bad state is saved.
-        metrics = jax.device_get(metrics) | jax.device_get(term_norms)
         step += 1
-        if not np.isfinite(metrics['loss']):
-          raise NonFiniteLossError(
-              f'Loss is {metrics["loss"]} at step {step} (metrics: '
-              f'{ {k: float(v) for k, v in metrics.items()} }). Stopping without saving; '
-              f'the last good checkpoint is step {ckpts.latest_step()} in {ckpts.directory}. '
-              'Lower config.optim.learning_rate or set config.optim.grad_clip_norm.')
-        for k, v in metrics.items():
-          if k.startswith(train_step_lib.GRAD_NORM_PREFIX):
-            last_term_norms[k] = float(v)   # Computed on log steps only: not a mean.
-          else:
-            acc[k] = acc.get(k, 0.0) + float(v)
+        sums = metrics if sums is None else _add(sums, metrics)
+        watch = _watch_nonfinite(watch, metrics, np.int32(step))
         acc_n += 1
+        # The next batch goes to the devices while this step runs; then wait for the
+        # previous step, so that at most two steps (and batches) are in flight.
+        if step < num_steps:
+          batch = next_batch()
+        if previous is not None:
+          jax.block_until_ready(previous)
         bar.update(1)
-        if step % config.log_every_steps == 0 or step == num_steps:
+        preempted = ckpts.reached_preemption(step)
+        save_due = (ckpts.interval_due(step) or step == num_steps or preempted
+                    or stop.local_stop)
+        if log_due or save_due:
+          host = jax.device_get({'sums': sums, 'watch': watch, 'terms': term_norms})
+          if host['watch']['step'] >= 0:
+            bad = host['watch']
+            raise NonFiniteLossError(
+                f'Loss is {bad["loss"]} at step {bad["step"]} (metrics: '
+                f'{ {k: float(v) for k, v in bad.items() if k != "step"} }). Stopping '
+                f'without saving; the last good checkpoint is step {ckpts.latest_step()} in '
+                f'{ckpts.directory}. Lower config.optim.learning_rate or set '
+                'config.optim.grad_clip_norm.')
+        if log_due:
           now = time.perf_counter()
-          means = {k: v / acc_n for k, v in acc.items()} | last_term_norms
+          means = {k: float(v) / acc_n for k, v in host['sums'].items()}
+          means |= {k: float(v) for k, v in host['terms'].items()}  # Log steps only: no mean.
           means['examples_per_sec'] = acc_n * config.batch_size / max(now - t_log, 1e-9)
+          means['input_wait_s'] = wait_s / acc_n
           means['epoch'] = step / steps_per_epoch
           log.write(step, 'train', means)
           bar.set_postfix({short: f'{means[k]:.4g}' for k, short in BAR_KEYS if k in means}
                           | {'ex/s': f'{means["examples_per_sec"]:.1f}'})
           results['train'] = means
-          acc, acc_n, t_log = {}, 0, time.perf_counter()
+          sums, acc_n, wait_s, t_log = None, 0, 0.0, time.perf_counter()
         if mode == 'train_and_eval' and config.eval_every_steps > 0 and (
             step % config.eval_every_steps == 0) and step < num_steps:
           results['eval'] = _val_metrics(config, workdir, step, state, eval_step, eval_data, mesh)
@@ -371,9 +408,9 @@ def _train_and_evaluate(config, workdir, mode, mesh):
           t_log = time.perf_counter()
         # The manager decides (every config.checkpoint.every_steps steps, and the step at
         # which every process reaches the preemption sync point); the last step always.
+        # Every save above is preceded by the non-finite check.
         position = checkpointing.data_position(step, config)
         ckpts.save(state, position, force=step == num_steps)
-        preempted = ckpts.reached_preemption(step)
         if preempted or stop.local_stop:
           ckpts.save(state, position, force=True)  # No-op if saved just above.
           ckpts.wait()

@@ -44,9 +44,7 @@ def tiny(tmp_path_factory):
 
 def _frame_index_of_pixels(frames):
   """Recovers, per window slot, the frame index a flat-colour fake frame encodes."""
-  mean = np.asarray(keypoints.IMAGENET_MEAN) * 255
-  std = np.asarray(keypoints.IMAGENET_STD) * 255
-  red = frames[..., 0] * std[0] + mean[0]
+  red = frames[..., 0].astype(np.float64)
   vals = np.median(red.reshape(red.shape[0], -1), axis=1)
   colours = {i: fake_posetrack.frame_colour(i)[0] for i in range(10)}
   return [min(colours, key=lambda i: abs(colours[i] - v)) for v in vals]
@@ -57,15 +55,15 @@ def test_train_batch_layout(tiny, tmp_path):
   data = input_pipeline.TrainData(_cfg(root, tmp_path), 4, seed=0, **ONE)
   assert data.num_examples == 5 * 2  # 5 labeled frames x 2 persons
   b = data.batch(0)
-  want = {'frames': ((4, 5, 64, 48, 3), np.float32), 'target': ((4, 16, 12, 17), np.float32),
+  want = {'frames': ((4, 5, 64, 48, 3), np.uint8), 'target': ((4, 16, 12, 17), np.float32),
           'target_weight': ((4, 17), np.float32), 'mask': ((4,), np.float32),
           'center': ((4, 2), np.float32), 'scale': ((4, 2), np.float32),
           'rotation': ((4,), np.float32), 'box_score': ((4,), np.float32),
           'image_id': ((4,), np.int64), 'video_index': ((4,), np.int32),
-          'frame_index': ((4,), np.int32), 'degraded': ((4,), np.int32)}
+          'frame_index': ((4,), np.int32), 'degraded': ((4,), np.int32),
+          'num_skipped': ((4,), np.int32)}
   assert {k: (v.shape, v.dtype) for k, v in b.items()} == want
   assert (b['mask'] == 1).all() and (b['degraded'] == 0).all()
-  assert np.isfinite(b['frames']).all()
   assert (b['target_weight'][:, 3:5] == 0).all()  # ears are never annotated
 
 
@@ -122,6 +120,44 @@ def test_deterministic_given_seed_and_step(tiny, tmp_path):
   assert not np.array_equal(second['frames'], b3['frames'])
   other_seed = input_pipeline.TrainData(cfg, 4, seed=4, **ONE).batch(3)
   assert not np.array_equal(other_seed['frames'], b3['frames'])
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_grain_iterator_matches_batch_for_any_worker_count(tiny, tmp_path, workers):
+  """Worker processes build whole batches; the stream is still batch(step), in order."""
+  root, _ = tiny
+  cfg = _cfg(root, tmp_path, num_workers=workers, prefetch=1)
+  data = input_pipeline.TrainData(cfg, 2, seed=7, **ONE)
+  it = data.iterator(start_step=4)
+  got = [next(it) for _ in range(3)]
+  it.close()
+  for step, b in zip((4, 5, 6), got):
+    want = data.batch(step)
+    assert b['frames'].dtype == np.uint8
+    for k in want:
+      np.testing.assert_array_equal(b[k], want[k], err_msg=f'step {step} {k}')
+
+
+def test_grain_workers_count_skips_and_report_bad_files(tmp_path):
+  root = tmp_path / 'pt'
+  fake_posetrack.write_posetrack18(root, split='train', videos=(('000001_a', 9, (0, 8)),),
+                                   persons=1)
+  cfg = _cfg(root, tmp_path / 'tfds', on_bad_input='skip', num_workers=2, prefetch=1,
+             **{'augment.enabled': False})
+  data = input_pipeline.TrainData(cfg, 2, seed=0, **ONE)
+  os.remove(root / 'images' / 'train' / '000001_a' / '000007.jpg')  # in frame 8's window
+  it = data.iterator(0)
+  b = next(it)
+  it.close()
+  # Counted in the worker that built the batch, summed here.
+  assert b['num_skipped'].tolist() == [0, 1] and data.skipped == 1
+  assert b['frame_index'].tolist() == [0, 0]
+  cfg.on_bad_input = 'error'
+  strict = input_pipeline.TrainData(cfg, 2, seed=0, records=data.records, **ONE)
+  it = strict.iterator(0)
+  with pytest.raises(Exception, match='000001_a/000007.jpg: image not found'):
+    next(it)
+  it.close()
 
 
 def test_epoch_is_a_permutation(tiny, tmp_path):
@@ -221,7 +257,7 @@ def test_real_fixture_end_to_end(pt18_real, tmp_path):
   scores = [d['score'] for d in json.loads((pt18_real / dets).read_text())]
   assert data.num_boxes == sum(s >= 0.2 for s in scores)
   b = data.batch(0)
-  assert np.isfinite(b['frames']).all() and b['frames'].std() > 0.1
+  assert b['frames'].dtype == np.uint8 and b['frames'].std() > 25
   # The same key frame in all five slots (trimmed copy).
   np.testing.assert_array_equal(b['frames'][:, 0], b['frames'][:, 2])
   train = input_pipeline.TrainData(cfg, 2, seed=0, split='val', **ONE)
@@ -338,11 +374,9 @@ def test_jpeg_draft_decoding_matches_box_downsampling(pt18_real, tmp_path):
   with Image.open(pt18_real / rec['window_files'][2]) as im:
     ref = transforms.warp_image(im.convert('RGB').reduce(8), m, (72, 96),
                                 image_scale=(8.0, 8.0))
-  ref = transforms.normalize(ref)
-  pad = transforms.normalize(np.zeros((1, 1, 3), np.uint8))[0, 0]
-  inside = np.any(np.abs(ref - pad) > 1e-3, axis=-1)  # crop pixels inside the image
+  inside = np.any(ref > 0, axis=-1)  # crop pixels inside the image (the padding is 0)
   assert inside.mean() > 0.3
-  diff = np.abs(ex['frames'][2] - ref)[inside] * 0.226 * 255  # back to 0..255 levels
+  diff = np.abs(ex['frames'][2].astype(float) - ref)[inside]
   assert diff.mean() < 1.5, diff.mean()  # measured 0.2
 
 

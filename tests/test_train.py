@@ -85,7 +85,8 @@ def test_runlocal_end_to_end_writes_checkpoints_logs_config(six_steps):
   assert int(state['step']) == 6 and 'backbone' in state['params']
   rows = _rows(workdir)
   assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6]
-  for key in ('loss', 'heatmap_loss', 'lr', 'grad_norm', 'examples_per_sec', 'mi/L_mi',
+  for key in ('loss', 'heatmap_loss', 'lr', 'grad_norm', 'examples_per_sec', 'input_wait_s',
+              'mi/L_mi',
               'mi/I_un_club', 'mi/L_uy', 'club/learning_loss', 'grad_norm/heatmap',
               'grad_norm/uy', 'grad_norm/club'):
     assert all(np.isfinite(r[key]) for r in rows), key
@@ -117,9 +118,28 @@ def test_sigterm_then_resume_equals_uninterrupted_bit_for_bit(env, six_steps, tm
   assert [r['loss'] for r in _rows(workdir)] == [r['loss'] for r in _rows(ref)]
 
 
+def test_metrics_are_summed_on_device_and_read_at_log_steps(env, six_steps, tmp_path):
+  ref, _ = six_steps
+  workdir = tmp_path / 'every3'
+  _ok(_launch(env, workdir, '--config.num_train_steps=6', '--config.log_every_steps=3'))
+  rows, ref_rows = _rows(workdir), _rows(ref)
+  assert [r['step'] for r in rows] == [3, 6]
+  for row, part in zip(rows, (ref_rows[:3], ref_rows[3:])):
+    for key in ('loss', 'heatmap_loss', 'grad_norm'):
+      np.testing.assert_allclose(row[key], np.mean([r[key] for r in part]), rtol=1e-5,
+                                 err_msg=key)
+    assert row['input_wait_s'] >= 0 and row['examples_per_sec'] > 0
+  # Per-term norms are computed on the log step itself, never averaged.
+  np.testing.assert_allclose(rows[1]['grad_norm/heatmap'], ref_rows[5]['grad_norm/heatmap'],
+                             rtol=1e-5)
+
+
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(env, tmp_path):
   workdir = tmp_path / 'nan'
-  proc = _launch(env, workdir, '--config.num_train_steps=6', nan_at=3)
+  # Logging every 5 steps: the NaN of step 3 is read from the device before the save at
+  # step 4, which must not happen.
+  proc = _launch(env, workdir, '--config.num_train_steps=6', '--config.log_every_steps=5',
+                 nan_at=3)
   assert proc.returncode != 0
   assert 'Loss is nan at step 3' in proc.stderr
   assert 'last good checkpoint is step 2' in proc.stderr

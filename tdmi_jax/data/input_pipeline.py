@@ -24,7 +24,9 @@ Entry points (batch layout: CONTRACTS.md "Data"):
     next example of the permutation (train) or masks the box out (eval) and counts it in
     `.skipped` and the log.
   missing_support_frame: 'error' | 'key_frame' (window files absent on disk, e.g. trimmed copies).
-  num_workers: decode/crop threads; prefetch: batches prepared ahead by `iterator`.
+  num_workers: training: grain worker *processes* (`mp_prefetch`), each building whole
+    batches (0: one background thread in this process); evaluation: decode/crop threads.
+  prefetch: training batches each worker (or the thread) prepares ahead.
   jpeg_draft: decode a JPEG at 1/k size (k = 2, 4, 8; libjpeg's DCT scaling) when the crop
     maps >= k source pixels onto one crop pixel: same detail, much less decoding.
   augment.*: SPEC §7 augmentation switches (train only).
@@ -39,7 +41,9 @@ import os
 import shutil
 import threading
 
+from absl import flags
 from absl import logging
+import grain
 import jax
 import numpy as np
 from PIL import Image
@@ -264,7 +268,8 @@ def make_example(data_cfg, manual_dir, rec, box, joints, rng=None, box_score=1.0
       decoded[rel] = _load_crop(os.path.join(manual_dir, rel), m_pixels, (out_w, out_h),
                                 data_cfg.jpeg_draft, (img_w, img_h))
     frames.append(decoded[rel])
-  frames = transforms.normalize(np.stack(frames))
+  # uint8 to the device (a quarter of float32's bytes); the model normalises.
+  frames = np.stack(frames)
   target, weight = transforms.heatmap_targets(
       transforms.transform_points(joints, m_points), data_cfg.image_size,
       data_cfg.heatmap_size, data_cfg.sigma)
@@ -284,7 +289,7 @@ def _empty_example(data_cfg):
   hh, hw = data_cfg.heatmap_size
   k = parsers.NUM_JOINTS
   return {
-      'frames': np.zeros((1 + len(data_cfg.window), out_h, out_w, 3), np.float32),
+      'frames': np.zeros((1 + len(data_cfg.window), out_h, out_w, 3), np.uint8),
       'target': np.zeros((hh, hw, k), np.float32), 'target_weight': np.zeros(k, np.float32),
       'mask': np.float32(0.0), 'center': np.zeros(2, np.float32),
       'scale': np.ones(2, np.float32), 'rotation': np.float32(0.0),
@@ -315,7 +320,15 @@ def _process_slice(global_batch_size, process_index, process_count, device_count
 
 
 class TrainData:
-  """Deterministic training batches: example g = step * B + i uses permutation epoch g // N."""
+  """Deterministic training batches: example g = step * B + i uses permutation epoch g // N.
+
+  `batch(step)` builds a batch here; `iterator(start_step)` streams them through grain, in
+  `num_workers` worker processes. Either way the batch of a step is a pure function of
+  (seed, step), whatever the number of workers, so a resumed run sees the same batches.
+  Batches carry 'num_skipped' [B] int32 besides the CONTRACTS.md keys: how many examples
+  on_bad_input='skip' passed over to reach each one, counted in whichever process built it;
+  `.skipped` is this object's running total of what it built or received.
+  """
 
   def __init__(self, data_cfg, global_batch_size, seed, *, split='train', process_index=None,
                process_count=None, device_count=None, records=None):
@@ -335,9 +348,19 @@ class TrainData:
     if not self.index:
       raise BadInputError(f'{self.manual_dir}: the {split} split has no annotated person')
     self.skipped = 0
+    self._init_local()
+
+  def _init_local(self):
     self._lock = threading.Lock()
     self._perms = collections.OrderedDict()
-    self._pool = concurrent.futures.ThreadPoolExecutor(max(1, data_cfg.num_workers))
+
+  # Worker processes receive a pickled copy: locks and caches are rebuilt there.
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k not in ('_lock', '_perms')}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._init_local()
 
   @property
   def num_examples(self):
@@ -352,8 +375,8 @@ class TrainData:
           self._perms.popitem(last=False)
       return self._perms[epoch]
 
-  def example(self, g):
-    """The training example at global position g (a pure function of seed and g)."""
+  def _example(self, g):
+    """The example at global position g, with 'num_skipped'."""
     n = len(self.index)
     epoch, pos = divmod(int(g), n)
     perm = self._perm(epoch)
@@ -362,37 +385,70 @@ class TrainData:
       rec = self.records[r]
       rng = np.random.default_rng([self.seed, int(g), attempt])
       try:
-        return make_example(self.cfg, self.manual_dir, rec, rec['bbox'][p],
-                            rec['keypoints'][p].astype(np.float64), rng)
+        ex = make_example(self.cfg, self.manual_dir, rec, rec['bbox'][p],
+                          rec['keypoints'][p].astype(np.float64), rng)
+        ex['num_skipped'] = np.int32(attempt)
+        return ex
       except BadInputError as e:
         if self.cfg.on_bad_input != 'skip':
           raise
-        with self._lock:
-          self.skipped += 1
-        logging.warning('skipped training example (%d so far): %s', self.skipped, e)
+        logging.warning('skipped training example (at position %d): %s', g, e)
     raise BadInputError(f'{self.manual_dir}: every training example failed to load')
+
+  def example(self, g):
+    """The training example at global position g (a pure function of seed and g)."""
+    ex = self._example(g)
+    self.skipped += int(ex['num_skipped'])
+    return ex
+
+  def _batch(self, step):
+    start = int(step) * self.global_batch_size + self.offset
+    return _stack([self._example(g) for g in range(start, start + self.local_batch_size)])
 
   def batch(self, step):
     """This process's slice of the global batch of `step`."""
-    start = int(step) * self.global_batch_size + self.offset
-    examples = list(self._pool.map(self.example, range(start, start + self.local_batch_size)))
-    return _stack(examples)
+    out = self._batch(step)
+    self.skipped += int(out['num_skipped'].sum())
+    return out
+
+  def dataset(self, start_step=0):
+    """The grain pipeline of steps start_step, start_step + 1, ...: an IterDataset."""
+    workers, ahead = int(self.cfg.num_workers), max(1, int(self.cfg.prefetch))
+    if workers < 0:
+      raise ValueError(f'config.data.num_workers={workers}: must be >= 0')
+    steps = grain.MapDataset.range(int(start_step), _LAST_STEP).map(self._batch)
+    # Inside a worker one thread builds the batches, so workers are what scale it.
+    ds = steps.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=ahead))
+    if workers:
+      _mark_flags_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                       per_worker_buffer_size=ahead))
+    return ds
 
   def iterator(self, start_step=0):
-    """Batches for start_step, start_step + 1, ... computed `prefetch` steps ahead."""
-    ahead = concurrent.futures.ThreadPoolExecutor(1)
-    pending = collections.deque()
-    step = int(start_step)
+    """Batches for start_step, start_step + 1, ... (prefetched by grain); close() stops
+    the workers."""
+    it = iter(self.dataset(start_step))
     try:
       while True:
-        while len(pending) <= max(0, self.cfg.prefetch):
-          pending.append(ahead.submit(self.batch, step + len(pending)))
-        yield pending.popleft().result()
-        step += 1
+        out = next(it)
+        self.skipped += int(out['num_skipped'].sum())
+        yield out
     finally:
-      for f in pending:
-        f.cancel()
-      ahead.shutdown(wait=False)
+      close = getattr(it, 'close', None)
+      if close is not None:
+        close()
+
+
+# Far beyond any run; grain's MapDataset.range needs an end.
+_LAST_STEP = 1 << 40
+
+
+def _mark_flags_parsed():
+  """grain's worker processes read absl flags (their defaults here): outside an absl app
+  (tests, notebooks, library use) mark them parsed, as absl.app.run would have."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 # --- Evaluation --------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tdmi_jax import keypoints
 from tdmi_jax.models import layers
 
 Dtype = Any
@@ -148,6 +149,15 @@ class HighResolutionModule(nn.Module):
     return outs
 
 
+def normalize_pixels(x: jax.Array) -> jax.Array:
+  """uint8 RGB -> float32 ImageNet-normalised, on the device: the input pipeline ships
+  uint8 frames (a quarter of the host->device bytes). Same arithmetic as
+  data.transforms.normalize; float inputs are taken as already normalised."""
+  inv_std = 1.0 / (jnp.asarray(keypoints.IMAGENET_STD, jnp.float32) * 255.0)
+  shift = jnp.asarray(keypoints.IMAGENET_MEAN, jnp.float32) * 255.0 * inv_std
+  return x.astype(jnp.float32) * inv_std - shift
+
+
 class HRNet(nn.Module):
   """Top-down HRNet pose network.
 
@@ -168,6 +178,8 @@ class HRNet(nn.Module):
     sp = self.spec
     kw = dict(train=train, frozen_bn=self.frozen_bn, dtype=self.dtype)
     bn = dict(train=train, frozen=self.frozen_bn, dtype=self.dtype)
+    if x.dtype == jnp.uint8:
+      x = normalize_pixels(x)
     x = x.astype(self.dtype)
     x = layers.conv(sp.stem_channels, 3, stride=2, dtype=self.dtype, name='conv1')(x)
     x = nn.relu(layers.batch_norm(**bn, name='bn1')(x))
