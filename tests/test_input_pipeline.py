@@ -1,7 +1,10 @@
 """Input pipeline: batch layout, windows, targets, determinism, sharding, eval coverage, bad input."""
 
 import json
+import multiprocessing
 import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -136,6 +139,24 @@ def test_grain_iterator_matches_batch_for_any_worker_count(tiny, tmp_path, worke
     assert b['frames'].dtype == np.uint8
     for k in want:
       np.testing.assert_array_equal(b[k], want[k], err_msg=f'step {step} {k}')
+
+
+def test_grain_workers_survive_ctrl_c_so_the_driver_can_checkpoint(tiny, tmp_path):
+  root, _ = tiny
+  cfg = _cfg(root, tmp_path, num_workers=2, prefetch=1)
+  data = input_pipeline.TrainData(cfg, 2, seed=1, **ONE)
+  it = data.iterator(0)
+  next(it)
+  workers = multiprocessing.active_children()
+  assert len(workers) >= 2
+  for w in workers:  # What a terminal's Ctrl-C does to the process group.
+    os.kill(w.pid, signal.SIGINT)
+    os.kill(w.pid, signal.SIGTERM)
+  time.sleep(1.0)
+  got = [next(it) for _ in range(3)]
+  it.close()
+  for step, b in zip((1, 2, 3), got):
+    np.testing.assert_array_equal(b['frames'], data.batch(step)['frames'])
 
 
 def test_grain_workers_count_skips_and_report_bad_files(tmp_path):

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import threading
 
 from absl import flags
@@ -422,7 +423,8 @@ class TrainData:
     if workers:
       _mark_flags_parsed()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                       per_worker_buffer_size=ahead))
+                                                       per_worker_buffer_size=ahead),
+                          worker_init_fn=_worker_init)
     return ds
 
   def iterator(self, start_step=0):
@@ -442,6 +444,15 @@ class TrainData:
 
 # Far beyond any run; grain's MapDataset.range needs an end.
 _LAST_STEP = 1 << 40
+
+
+def _worker_init(worker_index, worker_count):
+  """Ctrl-C reaches the whole process group and a scheduler's SIGTERM may too: the
+  driver turns them into a checkpoint at the next step, which needs the workers alive.
+  They stop when the iterator is closed (grain's stop event, then SIGKILL)."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _mark_flags_parsed():
