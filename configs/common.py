@@ -40,6 +40,8 @@ def apply_runlocal(config):
   config.log_every_steps = 1
   config.eval_every_steps = 0
   config.checkpoint.every_steps = 2
+  # A background thread: worker processes start in seconds that a few steps never repay.
+  config.data.num_workers = 0
   return config
 
 
