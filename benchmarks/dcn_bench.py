@@ -114,10 +114,12 @@ def _op_rows(args):
         compiled = jax.jit(fwd_bwd).lower(*inputs).compile()
       rows[name] = _costs(compiled)
       rows[name]['time_s'] = float('nan')
+      _row(name, rows[name])
       continue
     compiled = jax.jit(fwd_bwd).lower(*inputs).compile()
     rows[name] = _costs(compiled)
     rows[name]['time_s'] = _median_time(lambda c=compiled: c(*inputs), args.repeats)
+    _row(name, rows[name])
   return rows
 
 
@@ -157,6 +159,7 @@ def _step_rows(args):
       with _OneChunk():
         rows[name] = _costs(step.lower(st, batch).compile())
       rows[name]['time_s'] = float('nan')
+      _row(name, rows[name])
       continue
     compiled = step.lower(st, batch).compile()
     rows[name] = _costs(compiled)
@@ -167,16 +170,22 @@ def _step_rows(args):
       return holder[0]
 
     rows[name]['time_s'] = _median_time(run, args.step_repeats)
+    _row(name, rows[name])
   return rows
 
 
-def _print(title, rows):
+def _header(title):
   print(f'\n{title}')
   print('| impl | XLA temp MB | GB accessed | GFLOP | median s |')
-  print('|---|---|---|---|---|')
-  for name, r in rows.items():
-    print(f'| {name} | {r["temp_mb"]:.0f} | {r["gbytes"]:.2f} | {r["gflop"]:.2f} | '
-          f'{r["time_s"]:.3g} |')
+  print('|---|---|---|---|---|', flush=True)
+
+
+def _row(name, r):
+  print(f'| {name} | {r["temp_mb"]:.0f} | {r["gbytes"]:.2f} | {r["gflop"]:.2f} | '
+        f'{r["time_s"]:.3g} |', flush=True)
+
+
+def _ratios(rows):
   g, lean, one = rows['gather'], rows['lean'], rows['lean/1chunk']
   print(f'lean/gather: temp {lean["temp_mb"] / g["temp_mb"]:.2f}x, '
         f'bytes (1chunk) {one["gbytes"] / g["gbytes"]:.2f}x, '
@@ -189,10 +198,11 @@ def main():
   print(f'# jax {jax.__version__} on {jax.devices()[0].device_kind}, dtype {args.dtype}; '
         f'op: B={args.batch} {args.size}x{args.channels}, {args.groups} groups, 3x3; '
         f'step: B={args.step_batch} {args.variant}', flush=True)
-  _print('DCN op, forward + backward', _op_rows(args))
+  _header('DCN op, forward + backward')
+  _ratios(_op_rows(args))
   if args.step_batch > 0:
-    _print(f'TDMI head train step (cached backbone outputs), B={args.step_batch}',
-           _step_rows(args))
+    _header(f'TDMI head train step (cached backbone outputs), B={args.step_batch}')
+    _ratios(_step_rows(args))
 
 
 if __name__ == '__main__':

@@ -96,8 +96,12 @@ def deform_conv2d(x: jax.Array, offset: jax.Array, mask: jax.Array | None, kerne
 #    inside tests, and a tap whose whole neighbourhood is outside gets weight 0.
 #  * A custom VJP saves only the inputs (x, offset, mask, kernel), not the
 #    [B, Ho, Wo, G*K*Cg] sampled taps, and recomputes the sampling in the backward pass.
-#  * The input gradient is scatter-added in float32 whatever x's dtype (a bf16 scatter-add
-#    would round every partial sum) and cast to x's dtype at the end.
+#  * The backward pass loops over chunks of examples (at most _BWD_TAPS taps each): XLA
+#    materialises the gathered [taps, 4, Cg] neighbourhoods there (a gather feeding several
+#    consumers is not fused), so its temporaries scale with the chunk, not the batch.
+#  * The input gradient is the gather's adjoint, one scatter-add of 4*Cg-wide rows into
+#    the table, in float32 whatever x's dtype (a bf16 scatter-add would round every
+#    partial sum), folded back onto the image and cast to x's dtype at the end.
 
 
 def _out_geometry(x_shape, kernel_shape, offset_shape, stride, padding, dilation):
@@ -169,8 +173,7 @@ def _lean_sampling(x_shape, kernel_shape, offset, mask, geometry):
 def _corner_weights(ly, lx):
   """Bilinear weights of corners (0,0), (0,1), (1,0), (1,1) (the table's order).
 
-  A tuple, not a stacked [..., 4] array: XLA fuses each into its consumers instead of
-  materialising a tensor as large as the sampled taps.
+  A tuple, not a stacked [..., 4] array, so that XLA fuses each into its consumers.
   """
   return ((1 - ly) * (1 - lx), (1 - ly) * lx, ly * (1 - lx), ly * lx)
 
@@ -328,8 +331,9 @@ def deform_conv2d_lean(x: jax.Array, offset: jax.Array, mask: jax.Array | None,
   return _deform_conv2d_lean(x, offset, mask, kernel, geometry)
 
 
-# `model.dcn.impl`: the forms give the same values (tests/test_deform_conv.py); 'lean'
-# needs a quarter of the XLA temporaries of 'gather' and less time (BENCHMARKS.md).
+# `model.dcn.impl`: the forms give the same values (tests/test_deform_conv.py). At the
+# W48 head's size 'lean' needs 0.24x the XLA temporaries of 'gather' per DCN (0.35x and
+# 0.77x the bytes in the head's train step) and less CPU time (BENCHMARKS.md).
 IMPLS = {'lean': deform_conv2d_lean, 'gather': deform_conv2d}
 
 
