@@ -255,7 +255,7 @@ def _lean_bwd(geometry, residuals, d_out):
   # which would keep the forward's sampled taps alive until here.
   x, offset, mask, kernel, d_out = jax.lax.optimization_barrier(residuals + (d_out,))
   b = x.shape[0]
-  ho, wo, g = _out_geometry(x.shape, kernel.shape, offset.shape, *geometry)
+  ho, wo, _ = _out_geometry(x.shape, kernel.shape, offset.shape, *geometry)
   n = _bwd_chunk(b, ho * wo * offset.shape[-1] // 2)
   # Examples are independent (each tap reads its own example's rows), so the backward
   # pass runs over chunks of n examples: its [taps, 4, Cg] temporaries scale with n, not

@@ -127,14 +127,14 @@ class TDMI(nn.Module):
     motion = tde_lib.TemporalDifferenceEncoder(
         c, fuse_blocks=tuple(self.fuse_blocks), offset_groups=self.offset_groups,
         mask_activation=self.mask_activation, impl=self.dcn_impl, dtype=self.dtype,
-        name='tde')(
-            stage_features, train=train)
+        name='tde')(stage_features, train=train)
     useful, noisy = rdm_lib.RepresentationDisentanglement(
         self.rdm_hidden, noisy=self.rdm_noisy, dtype=self.dtype, name='rdm')(motion)
     if self.appearance == 'aligned':
       app = appearance_lib.AppearanceAlignment(
           c, offset_groups=self.offset_groups, mask_activation=self.mask_activation,
-          dcn_impl=self.dcn_impl, dtype=self.dtype, name='appearance')(stage_features[-1], train=train)
+          dcn_impl=self.dcn_impl, dtype=self.dtype, name='appearance')(
+              stage_features[-1], train=train)
     else:
       app = stage_features[-1][:, key]
     fusion_motion = useful if self.motion == 'tde' else jnp.zeros_like(useful)
