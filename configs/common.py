@@ -65,6 +65,7 @@ def model_config(variant='hrnet_w48'):
   c.dcn = ml_collections.ConfigDict()
   c.dcn.offset_groups = 0         # 0: variant default (W48 12 as SPEC, W32 8, tiny 2); divides C.
   c.dcn.mask_activation = 'none'   # 'none' (reference) | 'sigmoid'.
+  c.dcn.impl = 'lean'              # 'lean' (one gather, recomputing VJP) | 'gather' (autodiff).
   c.rdm_hidden = 128
   c.rdm_noisy = 'gate'           # 'gate' (reference) | 'complement' (M_n = M_t - M_u).
   c.appearance = 'aligned'       # 'aligned' (FAMI-Pose alignment) | 'key_frame'.

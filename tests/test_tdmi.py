@@ -203,6 +203,7 @@ def test_w48_parameter_counts():
     ('arch', 'two_frame', 'model.arch'),
     ('backbone.bn', 'sync', 'backbone.bn'),
     ('dcn.mask_activation', 'tanh', 'mask_activation'),
+    ('dcn.impl', 'pallas', 'model.dcn.impl'),
     ('appearance', 'none', 'model.appearance'),
     ('dtype', 'float16', 'model.dtype'),
     ('tde.fuse_blocks', (2, 2, 2), 'fuse_blocks'),

@@ -32,6 +32,7 @@ class AppearanceAlignment(nn.Module):
   features: int
   offset_groups: int = 12
   mask_activation: str = 'none'
+  dcn_impl: str = 'lean'  # Deformable conv form, see deform_conv.IMPLS.
   sup_blocks: int = 2
   out_blocks: int = 3
   dtype: Dtype = jnp.float32
@@ -50,7 +51,8 @@ class AppearanceAlignment(nn.Module):
     def dcn(name):
       return deform_conv.ModulatedDeformConv(
           c, padding=3, dilation=3, offset_groups=self.offset_groups, offset_dilation=3,
-          mask_activation=self.mask_activation, dtype=self.dtype, name=name)
+          mask_activation=self.mask_activation, impl=self.dcn_impl, dtype=self.dtype,
+          name=name)
 
     r1 = comb + dcn('refine1')(comb, comb)
     r2 = r1 + dcn('refine2')(r1, r1)

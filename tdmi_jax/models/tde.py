@@ -25,6 +25,7 @@ class TemporalDifferenceEncoder(nn.Module):
   fuse_blocks: Sequence[int] = (2, 2, 2, 2)  # BasicBlocks in fuse_j (SPEC [decision]).
   offset_groups: int = 12
   mask_activation: str = 'none'
+  impl: str = 'lean'  # Deformable conv form, see deform_conv.IMPLS.
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -43,7 +44,8 @@ class TemporalDifferenceEncoder(nn.Module):
           jnp.concatenate([key_feature, fused], axis=-1), train=train)
       m = deform_conv.ModulatedDeformConv(
           c, padding=1, dilation=1, offset_groups=self.offset_groups, offset_dilation=3,
-          mask_activation=self.mask_activation, dtype=self.dtype, name=f'dcn{j}')(fused, ctx)
+          mask_activation=self.mask_activation, impl=self.impl, dtype=self.dtype,
+          name=f'dcn{j}')(fused, ctx)
       if motion is None:
         motion = m
       else:

@@ -20,6 +20,10 @@ Fields of `config.model` (`configs/common.py:model_config`):
   dcn.offset_groups  offset groups of every DCN; 0 = the variant's default (12 for W48,
                    8 for W32, 2 for tiny). Must divide C, else build_model raises.
   dcn.mask_activation  'none' (reference) | 'sigmoid'.
+  dcn.impl         how the deformable convs compute (same values, see models/deform_conv.py):
+                   'lean' (one gather of each tap's 2x2 neighbourhood, a VJP that
+                   recomputes the sampling and accumulates the input gradient in float32) |
+                   'gather' (four gathers, plain autodiff: the earlier form).
   rdm_hidden       hidden width of the RDM gates.
   rdm_noisy        'gate' (reference: M_n = a_n * M_t, an independent gate) | 'complement'
                    (M_n = M_t - M_u), see models/rdm.py.
@@ -47,6 +51,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from tdmi_jax.models import appearance as appearance_lib
+from tdmi_jax.models import deform_conv
 from tdmi_jax.models import head as head_lib
 from tdmi_jax.models import hrnet
 from tdmi_jax.models import layers
@@ -72,6 +77,7 @@ class TDMI(nn.Module):
   fuse_blocks: Sequence[int] = (2, 2, 2, 2)
   offset_groups: int = 12
   mask_activation: str = 'none'
+  dcn_impl: str = 'lean'
   rdm_hidden: int = 128
   rdm_noisy: str = 'gate'
   appearance: str = 'aligned'
@@ -120,14 +126,15 @@ class TDMI(nn.Module):
     c = self.spec.width
     motion = tde_lib.TemporalDifferenceEncoder(
         c, fuse_blocks=tuple(self.fuse_blocks), offset_groups=self.offset_groups,
-        mask_activation=self.mask_activation, dtype=self.dtype, name='tde')(
-            stage_features, train=train)
+        mask_activation=self.mask_activation, impl=self.dcn_impl, dtype=self.dtype,
+        name='tde')(stage_features, train=train)
     useful, noisy = rdm_lib.RepresentationDisentanglement(
         self.rdm_hidden, noisy=self.rdm_noisy, dtype=self.dtype, name='rdm')(motion)
     if self.appearance == 'aligned':
       app = appearance_lib.AppearanceAlignment(
           c, offset_groups=self.offset_groups, mask_activation=self.mask_activation,
-          dtype=self.dtype, name='appearance')(stage_features[-1], train=train)
+          dcn_impl=self.dcn_impl, dtype=self.dtype, name='appearance')(
+              stage_features[-1], train=train)
     else:
       app = stage_features[-1][:, key]
     fusion_motion = useful if self.motion == 'tde' else jnp.zeros_like(useful)
@@ -225,6 +232,8 @@ def build_model(model_cfg: ml_collections.ConfigDict) -> TDMI:
       offset_groups=resolve_offset_groups(model_cfg),
       mask_activation=_choice(model_cfg.dcn.mask_activation, 'dcn.mask_activation',
                               ('none', 'sigmoid')),
+      dcn_impl=_choice(model_cfg.dcn.get('impl', 'lean'), 'dcn.impl',
+                       deform_conv.IMPLS),
       rdm_hidden=int(model_cfg.rdm_hidden),
       rdm_noisy=_choice(model_cfg.get('rdm_noisy', 'gate'), 'rdm_noisy',
                         ('gate', 'complement')),
