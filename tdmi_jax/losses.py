@@ -1,5 +1,8 @@
 """The TDMI objective (SPEC §6): joint-weighted heatmap MSE plus the MI terms.
 
+Everything here is computed in float32, whatever dtype the model's outputs arrive in
+(model.dtype='bfloat16' included): `objective` and `club_learning_loss` cast them first.
+
 Reductions, exactly:
 
 * `heatmap_loss`: per joint k, mean over examples and pixels of (w_k (pred_k - gt_k))^2,
@@ -58,6 +61,17 @@ TERMS = (
     ('I_uy', 'useful_heatmaps', 'heatmaps', False),
     ('I_ay', 'appearance_heatmaps', 'heatmaps', False),
 )
+
+
+def _f32(tree):
+  """Floating leaves as float32.
+
+  Under model.dtype='bfloat16' every MI term and loss is computed in f32. Casting the
+  model's outputs once, at the entry, also makes the cotangents of a map that several
+  terms read add up in f32 (rounded to the compute dtype once, on the way back).
+  """
+  return jax.tree.map(
+      lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 def _masked_mean(per_example, mask):
@@ -189,6 +203,7 @@ def objective(heatmaps, aux, batch, mi_cfg, club_variables=None, step=None,
   a flat dict of float32 scalars. An aux without the MI tensors (arch='single_frame') or
   mi_cfg.enabled=False gives L_H alone, with metrics 'loss' and 'heatmap_loss' only.
   """
+  heatmaps, aux = _f32((heatmaps, dict(aux)))
   mask = batch.get('mask')
   l_h = heatmap_loss(heatmaps, batch['target'], batch['target_weight'], mask)
   metrics = {'heatmap_loss': l_h}
@@ -268,7 +283,7 @@ def club_learning_loss(club_variables, aux, mask=None, mi_cfg=None):
   `mask` [B] optionally drops padded examples; `mi_cfg` selects the samples the bound
   sees (standardised for mi.objective='variational').
   """
-  aux = {k: jax.lax.stop_gradient(aux[k]) for k in ('useful', 'noisy')}
+  aux = _f32({k: jax.lax.stop_gradient(aux[k]) for k in ('useful', 'noisy')})
   club = mi.club_from_variables(club_variables)
   u, n, weights = club_inputs(aux, mask, mi_cfg)
   (mu, logvar), _ = club.apply(club_variables, u, train=False)
