@@ -53,8 +53,8 @@ def _torch_reference():
   return torch_ref
 
 
-def _forward_variants(spec, torch_net, torch_ref):
-  """name -> (callable on an NHWC numpy batch returning numpy heatmaps NHWC, prepare fn)."""
+def _forward_variants(spec, torch_net):
+  """name -> prepare(x NHWC numpy) -> (run() returning heatmaps, XLA cost or None)."""
   import torch
   params, stats = convert_torch.convert_state_dict(torch_net.state_dict(), spec)
   variables = jax.device_put({'params': params, 'batch_stats': stats})
@@ -70,12 +70,25 @@ def _forward_variants(spec, torch_net, torch_ref):
     with torch.inference_mode():
       return torch_net(x_nchw)
 
+  def compiled(fn, v):
+    """prepare(x): compile `fn` once for x's shape; run() then calls that executable."""
+    def prepare(x):
+      x = jax.device_put(x)
+      exe = fn.lower(v, x).compile()  # Variables stay arguments, not folded constants.
+      cost = exe.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      return (lambda: exe(v, x)), cost
+    return prepare
+
+  def torch_prepare(x):
+    x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    return (lambda: torch_run(x)), None
+
   return {
-      'torch': (torch_run, lambda x: torch.from_numpy(np.ascontiguousarray(
-          x.transpose(0, 3, 1, 2)))),
-      'jax': (lambda x: jax_fn(variables, x), jax.device_put),
-      'jax_folded': (lambda x: folded_fn(folded, x), jax.device_put),
-      'jax_fold_in_jit': (lambda x: in_jit_fn(variables, x), jax.device_put),
+      'torch': torch_prepare,
+      'jax': compiled(jax_fn, variables),
+      'jax_folded': compiled(folded_fn, folded),
+      'jax_fold_in_jit': compiled(in_jit_fn, variables),
   }
 
 
@@ -93,7 +106,7 @@ def forward_bench(args, torch_ref):
   spec = hrnet.get_spec(args.variant)
   h, w = (int(v) for v in args.size.lower().split('x'))
   torch_net = torch_ref._randomise(torch_ref.TorchPoseHRNet(spec), seed=0)  # pylint: disable=protected-access
-  variants = _forward_variants(spec, torch_net, torch_ref)
+  variants = _forward_variants(spec, torch_net)
   names = [n for n in args.variants.split(',')]
   for n in names:
     if n not in variants:
@@ -107,19 +120,21 @@ def forward_bench(args, torch_ref):
   print('|---' * (1 + 2 * len(names)) + '|')
   for b in (int(v) for v in args.batch.split(',')):
     x = np.random.default_rng(1).normal(size=(b, h, w, 3)).astype(np.float32)
-    inputs, outs = {}, {}
+    runs, outs, costs = {}, {}, []
     for n in names:  # Compile and warm up each variant, check the outputs agree.
-      run, prepare = variants[n]
-      inputs[n] = prepare(x)
-      outs[n] = _to_nhwc(n, _block(run(inputs[n])))
+      runs[n], cost = variants[n](x)
+      outs[n] = _to_nhwc(n, _block(runs[n]()))
+      if cost:  # XLA's own count for the compiled program: load-independent.
+        costs.append(f'{n} {cost["flops"] / 1e9:.4g} GFLOP, '
+                     f'{cost["bytes accessed"] / 1e9:.4g} GB')
+    print(f'# batch {b}, XLA cost analysis: ' + '; '.join(costs), flush=True)
     ref = outs.get('torch', outs[names[0]])
     diff = max(float(np.abs(outs[n] - ref).max()) for n in names) / float(np.abs(ref).max())
     times = {n: [] for n in names}
     for _ in range(args.rounds):
       for n in names:
-        run, _ = variants[n]
         t0 = time.perf_counter()
-        _block(run(inputs[n]))
+        _block(runs[n]())
         times[n].append(time.perf_counter() - t0)
     med = {n: statistics.median(t) for n, t in times.items()}
     base = med.get('torch')
