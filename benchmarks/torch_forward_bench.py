@@ -26,6 +26,7 @@ interleaved rounds of --train_rounds steps each.
 """
 
 import argparse
+import importlib.util
 import os
 import resource
 import statistics
@@ -45,9 +46,8 @@ from tdmi_jax.models import hrnet  # noqa: E402
 
 
 def _torch_reference():
-  try:
-    import torch  # noqa: F401
-  except ImportError:
+  """The PyTorch pose_hrnet of the parity tests (official module names), or a clear exit."""
+  if importlib.util.find_spec('torch') is None:
     sys.exit('This benchmark needs PyTorch: pip install -r requirements-torch.txt')
   from tests import test_convert_torch as torch_ref
   return torch_ref
