@@ -21,7 +21,7 @@ difference relative to the heatmaps' range). XLA flags (e.g. XLA_FLAGS=--xla_cpu
 are process-wide, so compare them by running the script under each and reading the ratios.
 
 `--train_step` also times the real frozen-backbone TDMI train step
-(`train_step.make_train_step`, model.backbone.fold_bn True vs False, same state), in
+(`train_step.make_train_step`, model.backbone.fold_bn True vs False, same variables), in
 interleaved rounds of --train_rounds steps each.
 """
 
