@@ -60,6 +60,7 @@ def model_config(variant='hrnet_w48'):
   c.backbone = ml_collections.ConfigDict()
   c.backbone.frozen = True       # No gradient, no optimizer state for the backbone.
   c.backbone.bn = 'frozen'       # 'frozen' (running stats) | 'live' (reference: batch stats).
+  c.backbone.fold_bn = True      # Fold BN into the convs where it uses running stats.
   c.tde = ml_collections.ConfigDict()
   c.tde.fuse_blocks = (2, 2, 2, 2)  # BasicBlocks in fuse_j per stage j=1..4.
   c.dcn = ml_collections.ConfigDict()

@@ -203,6 +203,14 @@ def test_tiny_heatmaps_equal_pytorch(tiny_torch, tiny_sd):
   assert np.std(want) > 0.1  # The comparison is not between two near-zero maps.
   # float32 rounding only (measured 9e-7 of the range); a wrong layout or statistic is O(1).
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5 * np.abs(want).max(), rtol=0)
+  # The BN-folded network (what eval and the frozen-backbone step run) on the imported
+  # weights, folded once.
+  folded = hrnet.fold_batch_norm({'params': params, 'batch_stats': stats})
+  folded_model = hrnet.HRNet(hrnet.VARIANTS['tiny'], num_joints=17, bn_folded=True)
+  got_folded, _ = jax.jit(lambda v, x: folded_model.apply(v, x, train=False))(
+      folded, jnp.asarray(x.permute(0, 2, 3, 1).numpy()))
+  np.testing.assert_allclose(np.asarray(got_folded), want, atol=1e-5 * np.abs(want).max(),
+                             rtol=0)
 
 
 def test_values_land_transposed(tiny_sd):

@@ -148,3 +148,82 @@ def test_batch_norm_modes(frozen_bn):
       updates['batch_stats']))
   assert same_stats == frozen_bn
   assert np.array_equal(out_train, out_eval) == frozen_bn
+
+
+# --- BatchNorm folding -------------------------------------------------------------------
+
+
+def _randomise(variables, seed=0):
+  """Fan-in scaled kernels and BN parameters/statistics far from the identity.
+
+  At the reference init (N(0, 0.001) kernels, unit BN) the outputs are ~1e-10 and BN is
+  nearly the identity, so a wrong fold would not show.
+  """
+  rng = np.random.default_rng(seed)
+
+  def fill(path, x):
+    name = path[-1].key
+    if name == 'kernel':
+      scale = np.sqrt(2.0 / np.prod(x.shape[:-1]))
+    elif name in ('scale', 'var'):
+      return jnp.asarray(0.5 + rng.random(x.shape), x.dtype)
+    else:  # BN bias and mean, conv biases.
+      scale = 0.2
+    return jnp.asarray(scale * rng.normal(size=x.shape), x.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, variables)
+
+
+def _close(got, want):
+  # float32 rounding only; a wrong fold (a missing BN, mean or eps) is O(1) of the range.
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want),
+                             atol=1e-5 * float(np.abs(want).max()), rtol=0)
+
+
+def test_folded_network_equals_unfolded():
+  spec = hrnet.VARIANTS['tiny']
+  x = jax.random.normal(jax.random.key(1), (2, 64, 32, 3))
+  model = hrnet.HRNet(spec, frozen_bn=True)
+  folded_model = hrnet.HRNet(spec, frozen_bn=True, bn_folded=True)
+  variables = _randomise(_init(model, x))
+  folded = jax.jit(hrnet.fold_batch_norm)(variables)
+  # Exactly the folded module's variables: every conv has a bias, no BN, no batch_stats.
+  shapes = jax.eval_shape(lambda: folded_model.init(jax.random.key(0), x, train=False))
+  assert set(shapes) == {'params'}
+  assert (jax.tree_util.tree_map(lambda s: s.shape, shapes)
+          == jax.tree_util.tree_map(lambda a: a.shape, folded))
+  assert set(folded['params']['layer1_0']) == {'conv1', 'conv2', 'conv3', 'downsample_0'}
+  assert set(folded['params']['stage2_0']['fuse_layers_0_1_0']) == {'kernel', 'bias'}
+
+  run = jax.jit(lambda m, v, x, train: m.apply(v, x, train=train), static_argnums=(0, 3))
+  want, want_aux = run(model, variables, x, False)
+  assert np.std(want) > 0.1
+  for train in (False, True):  # Frozen BN in training is the eval network.
+    got, got_aux = run(folded_model, folded, x, train)
+    _close(got, want)
+    for f, g in zip(got_aux['features'], want_aux['features']):
+      _close(f, g)
+  with pytest.raises(ValueError, match='bn_folded=True.*frozen_bn=True'):
+    hrnet.HRNet(spec, bn_folded=True).apply(folded, x, train=True)
+
+
+def test_fold_conv_bn_formula_and_bad_trees():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(1, 6, 5, 4)), jnp.float32)
+  kernel, conv_bias = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((3, 3, 4, 7), (7,)))
+  scale, bias, mean = (jnp.asarray(rng.normal(size=7), jnp.float32) for _ in range(3))
+  var = jnp.asarray(rng.random(7) + 0.1, jnp.float32)
+  y = layers.apply_conv(x, kernel, conv_bias)
+  want = (y - mean) / np.sqrt(var + layers.BN_EPSILON) * scale + bias
+  k2, b2 = layers.fold_conv_bn(kernel, scale, bias, mean, var, conv_bias)
+  _close(layers.apply_conv(x, k2, b2), want)
+
+  shapes = _shapes('tiny')
+  variables = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), shapes)
+  no_conv = {'params': {**variables['params'], 'layer1_0': {
+      k: v for k, v in variables['params']['layer1_0'].items() if k != 'conv2'}},
+             'batch_stats': variables['batch_stats']}
+  with pytest.raises(ValueError, match='without a conv.*layer1_0/bn2'):
+    hrnet.fold_batch_norm(no_conv)
+  with pytest.raises(ValueError, match='no batch_stats for bn1'):
+    hrnet.fold_batch_norm({'params': variables['params'], 'batch_stats': {}})

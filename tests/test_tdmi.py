@@ -219,3 +219,58 @@ def test_wrong_frame_count_is_an_error():
   with pytest.raises(ValueError, match='frames'):
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 3, 64, 32, 3)),
                                       train=False))
+
+
+def _randomise_backbone(variables, seed=0):
+  """Fan-in scaled backbone kernels and non-trivial BN: O(1) features, a visible BN."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, x):
+    name = path[-1].key
+    if name in ('scale', 'var'):
+      return jnp.asarray(0.5 + rng.random(x.shape), x.dtype)
+    scale = np.sqrt(2.0 / np.prod(x.shape[:-1])) if name == 'kernel' else 0.2
+    return jnp.asarray(scale * rng.normal(size=x.shape), x.dtype)
+
+  out = {c: dict(v) for c, v in variables.items()}
+  for c in out:
+    out[c]['backbone'] = jax.tree_util.tree_map_with_path(fill, variables[c]['backbone'])
+  return out
+
+
+def test_folded_backbone_matches_unfolded(variables, frames):
+  """fold_bn=True (the default) against fold_bn=False: eval, frozen-backbone training."""
+  v = _randomise_backbone(variables)
+
+  def run(model, v, frames):
+    eval_out, inter = model.apply(v, frames, train=False, capture_intermediates=True,
+                                  mutable=['intermediates'])
+    # Frozen backbone with bn='frozen' in training: folded too.
+    train_out, updates = model.apply(v, frames, train=True, mutable=['batch_stats'])
+    single = tdmi.backbone_apply(model, v, frames[:, 2])
+    # Folded once ahead (video inference): backbone_apply takes that layout as it is.
+    single_once = tdmi.backbone_apply(model, tdmi.fold_backbone(model, v), frames[:, 2])
+    return (eval_out, train_out, updates['batch_stats'], single, single_once,
+            inter['intermediates']['backbone']['layer1_0'])
+
+  folded_model = tdmi.build_model(_cfg())
+  assert folded_model.backbone_fold_bn
+  plain_model = tdmi.build_model(_cfg(**{'backbone.fold_bn': False}))
+  *got, modules = jax.jit(lambda v, x: run(folded_model, v, x))(v, frames)
+  *want, plain_modules = jax.jit(lambda v, x: run(plain_model, v, x))(v, frames)
+  # The folded run really ran the folded network: its blocks have convs and no BN.
+  assert 'conv1' in modules and 'bn1' not in modules and 'bn1' in plain_modules
+  assert tdmi.is_folded(tdmi.fold_backbone(folded_model, v)['params']['backbone'])
+  assert not tdmi.is_folded(tdmi.fold_backbone(plain_model, v)['params']['backbone'])
+  assert np.std(got[0][1]['backbone_heatmaps']) > 0.1  # BN far from identity, O(1) maps.
+  want[3] = want[4] = want[3]  # Both backbone_apply forms against the unfolded one.
+  flat_got, tree_got = jax.tree_util.tree_flatten(got)
+  flat_want, tree_want = jax.tree_util.tree_flatten(want)
+  assert tree_got == tree_want
+  for g, w in zip(flat_got, flat_want):
+    # float32 rounding only; a wrong fold changes every backbone output by O(1).
+    np.testing.assert_allclose(g, w, atol=1e-5 * float(np.abs(w).max()) + 1e-30, rtol=0)
+  # The stored layout is unchanged: the folded training pass left the statistics alone.
+  stats = got[2]['backbone']
+  same = jax.tree_util.tree_map(np.array_equal, stats, v['batch_stats']['backbone'])
+  assert all(jax.tree_util.tree_leaves(same))

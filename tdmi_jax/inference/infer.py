@@ -149,7 +149,8 @@ class CachedRunner:
     self.backbone_passes = 0
     self.batch_size = batch_size
     self.model = model
-    self.variables = variables
+    # Fold the backbone's BN once: every backbone call would otherwise fold it again.
+    self.variables = tdmi.fold_backbone(model, variables)
 
   def _fill(self, keys, cropper, anchors):
     missing = [k for k in dict.fromkeys(keys) if k not in self.cache]
@@ -193,7 +194,7 @@ class PlainRunner:
     self.backbone_passes = 0
     self.batch_size = batch_size
     self.model = model
-    self.variables = variables
+    self.variables = tdmi.fold_backbone(model, variables)
 
   def heatmaps(self, windows, cropper, anchors):
     out = []

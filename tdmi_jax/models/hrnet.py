@@ -18,6 +18,7 @@ and back by turning every '_' followed by a digit into '.'. Leaves: conv 'kernel
 See `torch_key` and `flax_path`.
 """
 
+from collections.abc import Mapping
 import dataclasses
 import re
 from typing import Any
@@ -99,10 +100,11 @@ def get_spec(variant: str) -> HRNetSpec:
   return VARIANTS[variant]
 
 
-def _conv_bn(x, features, *, kernel, stride, relu, train, frozen_bn, dtype, name):
+def _conv_bn(x, features, *, kernel, stride, relu, train, frozen_bn, bn_folded, dtype, name):
   """PyTorch `Sequential(conv, BN[, ReLU])` named `{name}_0`, `{name}_1`."""
-  x = layers.conv(features, kernel, stride=stride, dtype=dtype, name=f'{name}_0')(x)
-  x = layers.batch_norm(train=train, frozen=frozen_bn, dtype=dtype, name=f'{name}_1')(x)
+  x = layers.conv_bn(x, features, kernel, stride=stride, train=train, frozen_bn=frozen_bn,
+                     bn_folded=bn_folded, dtype=dtype, conv_name=f'{name}_0',
+                     bn_name=f'{name}_1')
   return nn.relu(x) if relu else x
 
 
@@ -112,6 +114,7 @@ class HighResolutionModule(nn.Module):
   multi_scale_output: bool = True
   frozen_bn: bool = False
   dtype: Dtype = jnp.float32
+  bn_folded: bool = False
 
   @nn.compact
   def __call__(self, xs: list[jax.Array], *, train: bool) -> list[jax.Array]:
@@ -120,14 +123,14 @@ class HighResolutionModule(nn.Module):
       raise ValueError(f'{self.name}: {len(xs)} inputs for {s.num_branches} branches')
     if s.fuse_method != 'SUM':
       raise ValueError(f'{self.name}: unsupported FUSE_METHOD {s.fuse_method!r}')
-    kw = dict(train=train, frozen_bn=self.frozen_bn, dtype=self.dtype)
+    kw = dict(train=train, frozen_bn=self.frozen_bn, bn_folded=self.bn_folded, dtype=self.dtype)
     block = layers.BLOCKS[s.block]
     width = [c * layers.EXPANSION[s.block] for c in s.num_channels]
     xs = list(xs)
     for i in range(s.num_branches):
       for k in range(s.num_blocks[i]):
         xs[i] = block(s.num_channels[i], frozen_bn=self.frozen_bn, dtype=self.dtype,
-                      name=f'branches_{i}_{k}')(xs[i], train=train)
+                      bn_folded=self.bn_folded, name=f'branches_{i}_{k}')(xs[i], train=train)
     if s.num_branches == 1:
       return xs
     outs = []
@@ -165,30 +168,39 @@ class HRNet(nn.Module):
   aux)` with aux['features'] the four stage features of SPEC §1, each [N, H/4, W/4, C]:
   transition1's branch 0, then the branch-0 outputs of stages 2, 3 and 4.
   H and W must be multiples of 32 (the fusion upsampling must land on the same grid).
+
+  `bn_folded=True` is the same network with every BatchNorm folded into its conv: its
+  variables are `fold_batch_norm` of the unfolded ones (params only: each conv has a bias,
+  no BN module, no batch_stats). It computes what the unfolded network computes on running
+  statistics, so it needs train=False or frozen_bn=True.
   """
   spec: HRNetSpec
   num_joints: int = 17
   frozen_bn: bool = False         # BatchNorm on running statistics even in training.
   dtype: Dtype = jnp.float32
+  bn_folded: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, Any]]:
     if x.shape[1] % 32 or x.shape[2] % 32:
       raise ValueError(f'HRNet input height and width must be multiples of 32, got {x.shape[1:3]}')
+    if self.bn_folded and train and not self.frozen_bn:
+      raise ValueError(
+          'HRNet(bn_folded=True) has no batch statistics to train with: folding BatchNorm '
+          "needs train=False or frozen_bn=True (config: model.backbone.bn='frozen')")
     sp = self.spec
-    kw = dict(train=train, frozen_bn=self.frozen_bn, dtype=self.dtype)
-    bn = dict(train=train, frozen=self.frozen_bn, dtype=self.dtype)
+    kw = dict(train=train, frozen_bn=self.frozen_bn, bn_folded=self.bn_folded, dtype=self.dtype)
     if x.dtype == jnp.uint8:
       x = normalize_pixels(x)
     x = x.astype(self.dtype)
-    x = layers.conv(sp.stem_channels, 3, stride=2, dtype=self.dtype, name='conv1')(x)
-    x = nn.relu(layers.batch_norm(**bn, name='bn1')(x))
-    x = layers.conv(sp.stem_channels, 3, stride=2, dtype=self.dtype, name='conv2')(x)
-    x = nn.relu(layers.batch_norm(**bn, name='bn2')(x))
+    x = nn.relu(layers.conv_bn(x, sp.stem_channels, 3, stride=2, conv_name='conv1',
+                               bn_name='bn1', **kw))
+    x = nn.relu(layers.conv_bn(x, sp.stem_channels, 3, stride=2, conv_name='conv2',
+                               bn_name='bn2', **kw))
     s1 = sp.stage1
     for k in range(s1.num_blocks[0]):
       x = layers.BLOCKS[s1.block](s1.num_channels[0], frozen_bn=self.frozen_bn, dtype=self.dtype,
-                                  name=f'layer1_{k}')(x, train=train)
+                                  bn_folded=self.bn_folded, name=f'layer1_{k}')(x, train=train)
 
     features = []
     ys = [x]
@@ -215,7 +227,8 @@ class HRNet(nn.Module):
         # into branch 0 only.
         multi = not (t == 3 and m == stage.num_modules - 1)
         xs = HighResolutionModule(stage, multi_scale_output=multi, frozen_bn=self.frozen_bn,
-                                  dtype=self.dtype, name=f'stage{t + 1}_{m}')(xs, train=train)
+                                  dtype=self.dtype, bn_folded=self.bn_folded,
+                                  name=f'stage{t + 1}_{m}')(xs, train=train)
       ys, pre = xs, cur
       features.append(ys[0])
 
@@ -224,6 +237,61 @@ class HRNet(nn.Module):
                        param_dtype=jnp.float32, kernel_init=layers.conv_init,
                        name='final_layer')(ys[0])
     return heatmaps.astype(jnp.float32), {'features': tuple(features)}
+
+
+# --- BatchNorm folding --------------------------------------------------------------------
+
+
+def _bn_of_conv(conv_name: str) -> str | None:
+  """Name of the BatchNorm that follows conv `conv_name` (naming scheme above), if any.
+
+  `convK` -> `bnK` (blocks, stem); `X_0` -> `X_1` (index 0 and 1 of a PyTorch
+  `Sequential(conv, BN[, ReLU])`: downsample, transitions, fuse layers).
+  """
+  if re.fullmatch(r'conv\d+', conv_name):
+    return 'bn' + conv_name[len('conv'):]
+  if conv_name.endswith('_0'):
+    return conv_name[:-1] + '1'
+  return None
+
+
+def fold_batch_norm(variables: Mapping[str, Any]) -> dict[str, Any]:
+  """Variables of `HRNet(bn_folded=True)` from those of the unfolded `HRNet`.
+
+  `variables` holds 'params' and 'batch_stats' of one HRNet (e.g. TDMI's 'backbone'
+  subtree, a checkpoint or a PyTorch import: the stored layout never changes). Every
+  conv followed by a BatchNorm gets kernel * g and bias beta - mean * g with
+  g = gamma / sqrt(var + eps) (`layers.fold_conv_bn`); the BN modules disappear. A pure
+  jnp function: jit it (or call it inside a jitted step, where it costs one elementwise
+  pass over the conv kernels) to fold once.
+  """
+  params = variables['params']
+  stats = variables.get('batch_stats', {})
+
+  def walk(p, s, where):
+    out = {}
+    used = set()
+    for name, child in p.items():
+      if 'kernel' in child:  # A conv.
+        bn = _bn_of_conv(name)
+        if bn is None or bn not in p:
+          out[name] = dict(child)
+          continue
+        if bn not in s or 'mean' not in s[bn]:
+          raise ValueError(f'fold_batch_norm: no batch_stats for {"/".join(where + (bn,))}')
+        kernel, bias = layers.fold_conv_bn(child['kernel'], p[bn]['scale'], p[bn]['bias'],
+                                           s[bn]['mean'], s[bn]['var'], child.get('bias'))
+        out[name] = {'kernel': kernel, 'bias': bias}
+        used.add(bn)
+      elif 'scale' not in child:  # A container module (block, stage, ...).
+        out[name] = walk(child, s.get(name, {}), where + (name,))
+    orphans = sorted(n for n, c in p.items() if 'scale' in c and n not in used)
+    if orphans:
+      raise ValueError(f'fold_batch_norm: BatchNorm without a conv before it: '
+                       f'{["/".join(where + (n,)) for n in orphans]}')
+    return out
+
+  return {'params': walk(params, stats, ())}
 
 
 # --- flax path <-> PyTorch state_dict key ----------------------------------------------

@@ -4,6 +4,11 @@ Submodule names follow the PyTorch HRNet code (`conv1`, `bn1`, `downsample_0`, .
 backbone's parameter tree maps onto a PyTorch state_dict name by name (see
 `hrnet.torch_key`). Initialisation is the reference's: convs N(0, 0.001), biases 0,
 BatchNorm scale 1 and bias 0.
+
+`bn_folded=True` blocks are the same network with every BatchNorm folded into the conv
+before it (`fold_conv_bn`): each conv then carries a bias and no BN module exists. Only
+valid where BN runs on running statistics (eval, or frozen BN); `hrnet.fold_batch_norm`
+turns the unfolded variables into the folded ones.
 """
 
 from collections.abc import Sequence
@@ -42,23 +47,50 @@ def batch_norm(*, train: bool, frozen: bool, dtype: Dtype, name: str) -> nn.Batc
                       epsilon=BN_EPSILON, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
+def fold_conv_bn(kernel: jax.Array, scale: jax.Array, bias: jax.Array, mean: jax.Array,
+                 var: jax.Array, conv_bias: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+  """(kernel', bias') of the conv equal to conv(kernel[, conv_bias]) followed by inference BN.
+
+  BN(y) = (y - mean) * g + bias with g = scale / sqrt(var + eps) per output channel, so
+  kernel' = kernel * g (last axis: HWIO's O) and bias' = bias + (conv_bias - mean) * g.
+  Computed in float32 whatever the inputs.
+  """
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  g = f32(scale) * jax.lax.rsqrt(f32(var) + BN_EPSILON)
+  shift = -f32(mean) if conv_bias is None else f32(conv_bias) - f32(mean)
+  return f32(kernel) * g, f32(bias) + shift * g
+
+
+def conv_bn(x: jax.Array, features: int, kernel: int, *, stride: int = 1, train: bool,
+            frozen_bn: bool, bn_folded: bool, dtype: Dtype, conv_name: str,
+            bn_name: str) -> jax.Array:
+  """conv (no bias) then BatchNorm, or with `bn_folded` the folded conv alone (with a bias).
+
+  Must be called inside a parent's `nn.compact` method (both become its children).
+  """
+  y = conv(features, kernel, stride=stride, use_bias=bn_folded, dtype=dtype, name=conv_name)(x)
+  if bn_folded:
+    return y
+  return batch_norm(train=train, frozen=frozen_bn, dtype=dtype, name=bn_name)(y)
+
+
 class BasicBlock(nn.Module):
   """ResNet basic block (expansion 1); a 1x1 conv + BN projects the skip when shapes change."""
   features: int
   stride: int = 1
   frozen_bn: bool = False
   dtype: Dtype = jnp.float32
+  bn_folded: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    bn = dict(train=train, frozen=self.frozen_bn, dtype=self.dtype)
-    y = conv(self.features, 3, stride=self.stride, dtype=self.dtype, name='conv1')(x)
-    y = nn.relu(batch_norm(**bn, name='bn1')(y))
-    y = conv(self.features, 3, dtype=self.dtype, name='conv2')(y)
-    y = batch_norm(**bn, name='bn2')(y)
+    kw = dict(train=train, frozen_bn=self.frozen_bn, bn_folded=self.bn_folded, dtype=self.dtype)
+    y = conv_bn(x, self.features, 3, stride=self.stride, conv_name='conv1', bn_name='bn1', **kw)
+    y = conv_bn(nn.relu(y), self.features, 3, conv_name='conv2', bn_name='bn2', **kw)
     if self.stride != 1 or x.shape[-1] != self.features:
-      x = conv(self.features, 1, stride=self.stride, dtype=self.dtype, name='downsample_0')(x)
-      x = batch_norm(**bn, name='downsample_1')(x)
+      x = conv_bn(x, self.features, 1, stride=self.stride, conv_name='downsample_0',
+                  bn_name='downsample_1', **kw)
     return nn.relu(x + y)
 
 
@@ -69,20 +101,19 @@ class Bottleneck(nn.Module):
   frozen_bn: bool = False
   dtype: Dtype = jnp.float32
   expansion: int = 4
+  bn_folded: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    bn = dict(train=train, frozen=self.frozen_bn, dtype=self.dtype)
+    kw = dict(train=train, frozen_bn=self.frozen_bn, bn_folded=self.bn_folded, dtype=self.dtype)
     out = self.planes * self.expansion
-    y = conv(self.planes, 1, dtype=self.dtype, name='conv1')(x)
-    y = nn.relu(batch_norm(**bn, name='bn1')(y))
-    y = conv(self.planes, 3, stride=self.stride, dtype=self.dtype, name='conv2')(y)
-    y = nn.relu(batch_norm(**bn, name='bn2')(y))
-    y = conv(out, 1, dtype=self.dtype, name='conv3')(y)
-    y = batch_norm(**bn, name='bn3')(y)
+    y = nn.relu(conv_bn(x, self.planes, 1, conv_name='conv1', bn_name='bn1', **kw))
+    y = nn.relu(conv_bn(y, self.planes, 3, stride=self.stride, conv_name='conv2',
+                        bn_name='bn2', **kw))
+    y = conv_bn(y, out, 1, conv_name='conv3', bn_name='bn3', **kw)
     if self.stride != 1 or x.shape[-1] != out:
-      x = conv(out, 1, stride=self.stride, dtype=self.dtype, name='downsample_0')(x)
-      x = batch_norm(**bn, name='downsample_1')(x)
+      x = conv_bn(x, out, 1, stride=self.stride, conv_name='downsample_0',
+                  bn_name='downsample_1', **kw)
     return nn.relu(x + y)
 
 

@@ -16,6 +16,12 @@ Fields of `config.model` (`configs/common.py:model_config`):
                    `trainable_mask` marks its leaves False for the optimizer.
   backbone.bn      'frozen' (running statistics, never updated) | 'live' (batch statistics
                    and running-stat updates in training, as the reference).
+  backbone.fold_bn  run the backbone with every BatchNorm folded into its conv
+                   (`hrnet.fold_batch_norm`, same outputs up to float rounding) wherever BN
+                   uses running statistics: in eval, and in training when the backbone is
+                   frozen with bn='frozen'. Variables keep the unfolded layout; the fold is
+                   computed inside the jitted apply (one elementwise pass over the kernels).
+                   With bn='live' training keeps the unfolded network.
   tde.fuse_blocks  BasicBlocks in the TDE's fuse_j for stages j = 1..4.
   dcn.offset_groups  offset groups of every DCN; 0 = the variant's default (12 for W48,
                    8 for W32, 2 for tiny). Must divide C, else build_model raises.
@@ -74,6 +80,7 @@ class TDMI(nn.Module):
   dtype: Dtype = jnp.float32
   backbone_frozen: bool = True
   backbone_bn: str = 'frozen'
+  backbone_fold_bn: bool = True
   fuse_blocks: Sequence[int] = (2, 2, 2, 2)
   offset_groups: int = 12
   mask_activation: str = 'none'
@@ -102,9 +109,7 @@ class TDMI(nn.Module):
     key = NUM_FRAMES // 2
     frozen = self.backbone_frozen
     maybe_stop = jax.lax.stop_gradient if frozen else (lambda x: x)
-    backbone = hrnet.HRNet(self.spec, num_joints=self.num_joints,
-                           frozen_bn=self.backbone_bn == 'frozen', dtype=self.dtype,
-                           name='backbone')
+    backbone = self._backbone(train)
     if self.arch == 'single_frame':
       heatmaps, _ = backbone(frames[:, key], train=train)
       heatmaps = maybe_stop(heatmaps)
@@ -160,7 +165,7 @@ class TDMI(nn.Module):
       heatmaps = heatmaps + base.astype(heatmaps.dtype)
 
     # H(X): the backbone's final conv with its weights gradient-stopped, for the MI terms.
-    final = backbone.variables['params']['final_layer']
+    final = self.variables['params']['backbone']['final_layer']
     kernel = jax.lax.stop_gradient(final['kernel']).astype(self.dtype)
     bias = jax.lax.stop_gradient(final['bias']).astype(self.dtype)
     backbone_head = lambda x: layers.apply_conv(x.astype(self.dtype), kernel, bias)
@@ -178,17 +183,64 @@ class TDMI(nn.Module):
           self.num_joints, 3, use_bias=True, dtype=self.dtype, name='useful_head')(useful))
     return heatmaps, aux
 
+  def _backbone(self, train: bool) -> nn.Module:
+    """The 'backbone' child: HRNet, or the BN-folded HRNet seeing folded variables.
+
+    Folded only where BN runs on running statistics and no gradient reaches the backbone
+    (eval; training with a frozen backbone and bn='frozen'), and never at init, so the
+    stored variables always have the unfolded layout of checkpoints and PyTorch imports.
+    """
+    fold = (self.backbone_fold_bn and not self.is_initializing()
+            and (not train or (self.backbone_frozen and self.backbone_bn == 'frozen')))
+    kw = dict(num_joints=self.num_joints, frozen_bn=self.backbone_bn == 'frozen',
+              dtype=self.dtype, name='backbone')
+    if is_folded(self.variables.get('params', {}).get('backbone', {})):
+      return hrnet.HRNet(self.spec, bn_folded=True, **kw)  # `fold_backbone` did it already.
+    if not fold:
+      return hrnet.HRNet(self.spec, **kw)
+    folded_hrnet = nn.map_variables(hrnet.HRNet, ['params', 'batch_stats'],
+                                    trans_in_fn=hrnet.fold_batch_norm)
+    return folded_hrnet(self.spec, bn_folded=True, **kw)
+
+
+def is_folded(backbone_params: Mapping[str, Any]) -> bool:
+  """Whether backbone params have the BN-folded layout (the stem conv has a bias)."""
+  return 'bias' in backbone_params.get('conv1', {})
+
+
+def fold_backbone(model: TDMI, variables: Mapping[str, Any]) -> dict[str, Any]:
+  """`variables` with the backbone's BatchNorms folded into its convs, once, for eval.
+
+  For callers that apply the model many times with the same weights (video inference):
+  the model then skips its per-call fold. Only for eval (and frozen-BN) applies; the
+  result is not a checkpoint layout. Returns `variables` unchanged when
+  model.backbone_fold_bn is False or the backbone is folded already.
+  """
+  params, stats = variables['params'], variables.get('batch_stats', {})
+  if not model.backbone_fold_bn or is_folded(params['backbone']):
+    return dict(variables)
+  folded = jax.jit(hrnet.fold_batch_norm)(
+      {'params': params['backbone'], 'batch_stats': stats['backbone']})['params']
+  return {**variables, 'params': {**params, 'backbone': folded},
+          'batch_stats': {k: v for k, v in stats.items() if k != 'backbone'}}
+
 
 def backbone_apply(model: TDMI, variables: Mapping[str, Any], images: jax.Array
                    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
   """The backbone alone in eval mode on single frames [N, H, W, 3].
 
   Returns (heatmaps [N, h, w, K], the four stage features [N, h, w, C]): what
-  `TDMI.__call__(None, backbone_outputs=...)` takes once stacked into windows.
+  `TDMI.__call__(None, backbone_outputs=...)` takes once stacked into windows. With
+  model.backbone_fold_bn it runs the BN-folded network (on `fold_backbone`'s variables
+  as they are, else folding inside this call).
   """
-  backbone = hrnet.HRNet(model.spec, num_joints=model.num_joints,
-                         frozen_bn=model.backbone_bn == 'frozen', dtype=model.dtype)
   sub = {c: v['backbone'] for c, v in variables.items() if 'backbone' in v}
+  folded = is_folded(sub['params'])
+  if model.backbone_fold_bn and not folded:
+    sub, folded = hrnet.fold_batch_norm(sub), True
+  backbone = hrnet.HRNet(model.spec, num_joints=model.num_joints,
+                         frozen_bn=model.backbone_bn == 'frozen', dtype=model.dtype,
+                         bn_folded=folded)
   heatmaps, aux = backbone.apply(sub, images, train=False)
   return heatmaps, tuple(aux['features'])
 
@@ -196,6 +248,12 @@ def backbone_apply(model: TDMI, variables: Mapping[str, Any], images: jax.Array
 def _choice(cfg_value, field, options):
   if cfg_value not in options:
     raise ValueError(f'model.{field}={cfg_value!r}; expected one of {sorted(options)}')
+  return cfg_value
+
+
+def _flag(cfg_value, field):
+  if not isinstance(cfg_value, bool):
+    raise ValueError(f'model.{field}={cfg_value!r}; expected True or False')
   return cfg_value
 
 
@@ -228,6 +286,7 @@ def build_model(model_cfg: ml_collections.ConfigDict) -> TDMI:
       dtype=_DTYPES[_choice(model_cfg.dtype, 'dtype', _DTYPES)],
       backbone_frozen=bool(model_cfg.backbone.frozen),
       backbone_bn=_choice(model_cfg.backbone.bn, 'backbone.bn', ('frozen', 'live')),
+      backbone_fold_bn=_flag(model_cfg.backbone.get('fold_bn', True), 'backbone.fold_bn'),
       fuse_blocks=fuse_blocks,
       offset_groups=resolve_offset_groups(model_cfg),
       mask_activation=_choice(model_cfg.dcn.mask_activation, 'dcn.mask_activation',
