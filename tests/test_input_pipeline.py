@@ -145,9 +145,11 @@ def test_grain_workers_survive_ctrl_c_so_the_driver_can_checkpoint(tiny, tmp_pat
   root, _ = tiny
   cfg = _cfg(root, tmp_path, num_workers=2, prefetch=1)
   data = input_pipeline.TrainData(cfg, 2, seed=1, **ONE)
+  # Only this iterator's workers (other tests' helpers, e.g. a fake GCS server, may live).
+  before = {p.pid for p in multiprocessing.active_children()}
   it = data.iterator(0)
   next(it)
-  workers = multiprocessing.active_children()
+  workers = [p for p in multiprocessing.active_children() if p.pid not in before]
   assert len(workers) >= 2
   for w in workers:  # What a terminal's Ctrl-C does to the process group.
     os.kill(w.pid, signal.SIGINT)
