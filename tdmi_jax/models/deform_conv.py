@@ -57,16 +57,8 @@ def deform_conv2d(x: jax.Array, offset: jax.Array, mask: jax.Array | None, kerne
   if mask is not None and mask.shape != (b, ho, wo, g * k):
     raise ValueError(f'deform_conv2d: mask shape {mask.shape}, expected {(b, ho, wo, g * k)}')
 
-  pos_dtype = jnp.promote_types(offset.dtype, jnp.float32)
-  off = offset.astype(pos_dtype).reshape(b, ho, wo, g, k, 2)
-  tap_y = jnp.repeat(jnp.arange(kh) * dh, kw)  # [K], k = i*kw + j.
-  tap_x = jnp.tile(jnp.arange(kw) * dw, kh)
-  base_y = (jnp.arange(ho) * sh - ph)[:, None] + tap_y[None, :]  # [Ho, K]
-  base_x = (jnp.arange(wo) * sw - pw)[:, None] + tap_x[None, :]  # [Wo, K]
-  py = base_y[None, :, None, None, :] + off[..., 0]  # [B, Ho, Wo, G, K]
-  px = base_x[None, None, :, None, :] + off[..., 1]
-  y0, x0 = jnp.floor(py), jnp.floor(px)
-  ly, lx = py - y0, px - x0
+  y0, x0, ly, lx, pos_dtype = _sample_positions(offset, (ho, wo), (kh, kw), (sh, sw),
+                                                (ph, pw), (dh, dw))
   y0, x0 = y0.astype(jnp.int32), x0.astype(jnp.int32)
   modulation = 1.0 if mask is None else mask.astype(pos_dtype).reshape(b, ho, wo, g, k)
 
@@ -102,6 +94,25 @@ def deform_conv2d(x: jax.Array, offset: jax.Array, mask: jax.Array | None, kerne
 #  * The input gradient is the gather's adjoint, one scatter-add of 4*Cg-wide rows into
 #    the table, in float32 whatever x's dtype (a bf16 scatter-add would round every
 #    partial sum), folded back onto the image and cast to x's dtype at the end.
+
+
+def _sample_positions(offset, out_hw, kernel_hw, stride, padding, dilation):
+  """Floor and fraction of every tap's sample position, [B, Ho, Wo, G, K] each, in the
+  position dtype (float32, or float64 under x64): (y0, x0, ly, lx, pos_dtype)."""
+  (ho, wo), (kh, kw) = out_hw, kernel_hw
+  (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+  k = kh * kw
+  b, g = offset.shape[0], offset.shape[3] // (2 * k)
+  pos_dtype = jnp.promote_types(offset.dtype, jnp.float32)
+  off = offset.astype(pos_dtype).reshape(b, ho, wo, g, k, 2)
+  tap_y = jnp.repeat(jnp.arange(kh) * dh, kw)  # [K], k = i*kw + j.
+  tap_x = jnp.tile(jnp.arange(kw) * dw, kh)
+  base_y = (jnp.arange(ho) * sh - ph)[:, None] + tap_y[None, :]  # [Ho, K]
+  base_x = (jnp.arange(wo) * sw - pw)[:, None] + tap_x[None, :]  # [Wo, K]
+  py = base_y[None, :, None, None, :] + off[..., 0]  # [B, Ho, Wo, G, K]
+  px = base_x[None, None, :, None, :] + off[..., 1]
+  y0, x0 = jnp.floor(py), jnp.floor(px)
+  return y0, x0, py - y0, px - x0, pos_dtype
 
 
 def _out_geometry(x_shape, kernel_shape, offset_shape, stride, padding, dilation):
@@ -149,16 +160,8 @@ def _lean_sampling(x_shape, kernel_shape, offset, mask, geometry):
     raise ValueError('deform_conv2d (lean): input too large for int32 row indices')
   if mask is not None and mask.shape != (b, ho, wo, g * k):
     raise ValueError(f'deform_conv2d: mask shape {mask.shape}, expected {(b, ho, wo, g * k)}')
-  pos_dtype = jnp.promote_types(offset.dtype, jnp.float32)
-  off = offset.astype(pos_dtype).reshape(b, ho, wo, g, k, 2)
-  tap_y = jnp.repeat(jnp.arange(kh) * dh, kw)  # [K], k = i*kw + j.
-  tap_x = jnp.tile(jnp.arange(kw) * dw, kh)
-  base_y = (jnp.arange(ho) * sh - ph)[:, None] + tap_y[None, :]  # [Ho, K]
-  base_x = (jnp.arange(wo) * sw - pw)[:, None] + tap_x[None, :]  # [Wo, K]
-  py = base_y[None, :, None, None, :] + off[..., 0]  # [B, Ho, Wo, G, K]
-  px = base_x[None, None, :, None, :] + off[..., 1]
-  y0, x0 = jnp.floor(py), jnp.floor(px)
-  ly, lx = py - y0, px - x0
+  y0, x0, ly, lx, pos_dtype = _sample_positions(offset, (ho, wo), (kh, kw), (sh, sw),
+                                                (ph, pw), (dh, dw))
   # Neighbourhood rows y0, y0+1 touch the image iff -1 <= y0 <= h-1; the padded image's
   # row is then p = y0 + 1 in [0, h]. Clipping the others keeps every index in bounds.
   touches = ((y0 >= -1) & (y0 <= h - 1) & (x0 >= -1) & (x0 <= w - 1)).astype(pos_dtype)
