@@ -4,6 +4,8 @@ r"""Train-step time, memory and MFU of TDMI (default HRNet-W48 at 384x288), in o
   * tdmi_step_bb     the same step with model.backbone.frozen=False (backprop into HRNet)
   * tdmi_forward     TDMI forward only (eval mode)
   * backbone_fwd     HRNet forward only on the B*5 frames (what the frozen backbone costs)
+  * backbone_folded  the same with BatchNorm folded into the convs once, outside the timed
+                     call (`hrnet.fold_batch_norm`; what video inference runs)
   * tdmi_e2e         (--e2e) the train step fed by the real input pipeline
                      (`input_pipeline.TrainData(...).iterator`) on the synthetic dataset
 
@@ -69,7 +71,7 @@ PEAK_FLOPS = {
     'nvidia h200': {'bfloat16': 989e12, 'float32': 495e12},
     'nvidia l4': {'bfloat16': 121e12, 'float32': 60e12},
 }
-KINDS = ('tdmi_step', 'tdmi_step_bb', 'tdmi_forward', 'backbone_fwd')
+KINDS = ('tdmi_step', 'tdmi_step_bb', 'tdmi_forward', 'backbone_fwd', 'backbone_folded')
 # What --preset sets (flags given explicitly on the command line win).
 PRESETS = {
     'gpu': dict(variant='hrnet_w48', height=384, width=288, batches='1,8', devices='1,all',
@@ -133,6 +135,8 @@ def _parser():
   p.add_argument('--isolate', default='auto', choices=['auto', 'yes', 'no'],
                  help='each row in its own process (auto: on GPU/TPU, for per-row peaks)')
   p.add_argument('--json', default='', help='also write the rows to this JSON file')
+  p.add_argument('--no_materialize', action='store_true',
+                 help='make layers.materialize the identity (the step before it existed)')
   p.add_argument('--row', default='', help=argparse.SUPPRESS)  # Internal: one row, as JSON.
   return p
 
@@ -177,6 +181,11 @@ from tdmi_jax import train_step as train_step_lib
 from tdmi_jax.models import hrnet
 from tdmi_jax.models import mi
 from tdmi_jax.models import tdmi
+
+
+if ARGS.no_materialize:
+  from tdmi_jax.models import layers  # pylint: disable=g-import-not-at-top
+  layers.materialize = lambda x: x
 
 
 def _on_cpu():
@@ -346,12 +355,14 @@ def measure(kind, batch_size, num_devices, dtype, steps):
     compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)[0]).lower(
         v, batch['frames']).compile()
     run = lambda: compiled(v, batch['frames'])
-  elif kind == 'backbone_fwd':
+  elif kind in ('backbone_fwd', 'backbone_folded'):
     batch = sharding.shard_batch(_batch(batch_size, config), mesh, train_step_lib.TRAIN_KEYS)
+    folded = kind == 'backbone_folded'
     net = hrnet.HRNet(hrnet.get_spec(config.model.variant), frozen_bn=True,
-                      dtype=jnp.dtype(config.model.dtype))
-    v = sharding.replicate({'params': variables['params']['backbone'],
-                            'batch_stats': variables['batch_stats']['backbone']}, mesh)
+                      dtype=jnp.dtype(config.model.dtype), bn_folded=folded)
+    v = {'params': variables['params']['backbone'],
+         'batch_stats': variables['batch_stats']['backbone']}
+    v = sharding.replicate(jax.jit(hrnet.fold_batch_norm)(v) if folded else v, mesh)
     frames = jax.device_put(batch['frames'].reshape((-1, h, w, 3)),
                             sharding.data_sharded(mesh))
     compiled = jax.jit(lambda v, x: net.apply(v, x, train=False)[0]).lower(v, frames).compile()
@@ -483,7 +494,8 @@ def main():
   kind0 = jax.devices()[0].device_kind
   print(f'# {kind0} x{jax.device_count()}, {ARGS.variant} {ARGS.height}x{ARGS.width}, '
         f'dtypes {",".join(ARGS.dtypes)}, MI {ARGS.mi}, jax {jax.__version__}, '
-        f'rows isolated: {isolate}', flush=True)
+        f'rows isolated: {isolate}'
+        f'{", layers.materialize off" if ARGS.no_materialize else ""}', flush=True)
   rows = []
 
   def add(kind, batch, num_devices, dtype, steps=ARGS.steps):

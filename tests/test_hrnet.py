@@ -227,3 +227,40 @@ def test_fold_conv_bn_formula_and_bad_trees():
     hrnet.fold_batch_norm(no_conv)
   with pytest.raises(ValueError, match='no batch_stats for bn1'):
     hrnet.fold_batch_norm({'params': variables['params'], 'batch_stats': {}})
+
+
+def _max_fusion_operands(compiled_text, prefix):
+  """Most operands of any fusion whose name starts with `prefix` in compiled HLO text."""
+  counts = [line.split(' fusion(', 1)[1].split('), kind=')[0].count('%')
+            for line in compiled_text.splitlines()
+            if line.lstrip().startswith(f'%{prefix}') and ' fusion(' in line]
+  assert counts, f'no {prefix}* fusion in the compiled program'
+  return max(counts)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_materialize_is_exact_and_stops_xla_cpu_recomputing_a_residual_chain(dtype):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 3, 5, 8)) * 1e3, dtype)
+  np.testing.assert_array_equal(jax.jit(layers.materialize)(x), x)
+
+  # Residual blocks then per-frame differences (what the TDE does with a stage's output):
+  # without it, each difference's fusion recomputes every block's add and ReLU from the
+  # conv outputs (one operand per block); with it, each reads the one materialised copy.
+  ws = [jnp.asarray(rng.normal(size=(3, 3, 8, 8)) * 0.1, jnp.float32) for _ in range(6)]
+
+  def frame_differences(x, materialize):
+    for w in ws:
+      x = jax.nn.relu(layers.apply_conv(x, w) + 0.1 + x)
+    x = layers.materialize(x) if materialize else x
+    return [x[i + 1] - x[i] for i in range(x.shape[0] - 1)]
+
+  x = jnp.asarray(rng.normal(size=(5, 12, 10, 8)), jnp.float32)
+  operands = {m: _max_fusion_operands(
+      jax.jit(frame_differences, static_argnums=1).lower(x, m).compile().as_text(),
+      'subtract') for m in (False, True)}
+  assert operands[False] >= len(ws), operands  # The behaviour materialize exists for.
+  assert operands[True] == 1, operands
+  np.testing.assert_allclose(jax.jit(frame_differences, static_argnums=1)(x, True),
+                             jax.jit(frame_differences, static_argnums=1)(x, False),
+                             rtol=1e-6, atol=1e-6)

@@ -148,7 +148,8 @@ class HighResolutionModule(nn.Module):
             z = _conv_bn(z, width[i] if last else width[j], kernel=3, stride=2, relu=not last,
                          name=f'fuse_layers_{i}_{j}_{k}', **kw)
         y = z if y is None else y + z
-      outs.append(nn.relu(y))
+      # Materialised: XLA:CPU would otherwise recompute this sum into every later block.
+      outs.append(layers.materialize(nn.relu(y)))
     return outs
 
 

@@ -59,7 +59,27 @@ def fold_conv_bn(kernel: jax.Array, scale: jax.Array, bias: jax.Array, mean: jax
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   g = f32(scale) * jax.lax.rsqrt(f32(var) + BN_EPSILON)
   shift = -f32(mean) if conv_bias is None else f32(conv_bias) - f32(mean)
-  return f32(kernel) * g, f32(bias) + shift * g
+  return f32(kernel) * g, materialize(f32(bias) + shift * g)
+
+
+def materialize(x: jax.Array) -> jax.Array:
+  """x, computed once where XLA:CPU would otherwise recompute it in every consumer.
+
+  XLA:CPU fuses an elementwise producer into each of its elementwise consumers, and its
+  optimisation barrier does not stop that (it is removed before fusion). Chains of
+  residual adds then make every fusion recompute all the blocks before it, per element
+  (an HRNet stage's output is consumed by the next stage's convs and, elementwise, by its
+  residual adds). Used on HRNet module outputs, on BN-folded biases (computed inside a
+  jitted step) and on the backbone features the TDMI head slices per frame. No producer
+  is fused into a dot, so a product with the identity (exact at HIGHEST precision)
+  materialises x, for C FLOPs per element. On HRNet-W48 at 384x288 this makes the
+  elementwise work 0.17x and the forward ~0.88x (BENCHMARKS.md "Training step").
+  GPU and TPU fusion weighs duplication by cost: there x passes through unchanged.
+  """
+  if jax.default_backend() != 'cpu':
+    return x
+  eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+  return jnp.dot(x, eye, precision=jax.lax.Precision.HIGHEST)
 
 
 def conv_bn(x: jax.Array, features: int, kernel: int, *, stride: int = 1, train: bool,
