@@ -10,13 +10,26 @@ Test data:
   (CI=true) a missing folder is an error, so CI never skips them silently.
 """
 
+import atexit
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 # Must be set before jax is imported anywhere: sharded tests need >1 CPU device.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache per test process (each pytest-xdist worker has its own),
+# shared by the tests in it and every launch.py subprocess they start: the suite compiles
+# the same tiny programs many times over, and compiling is most of its time. Every program
+# is cached, however small or fast to compile.
+if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+  _CACHE_DIR = tempfile.mkdtemp(prefix='tdmi_tests_xla_cache_')
+  atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE_DIR
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -38,12 +51,10 @@ def _on_ci():
 
 @pytest.fixture(scope='session')
 def env(tmp_path_factory):
-  """Environment for launch.py subprocesses: repo on the path, one persistent XLA cache so
-  the tiny model compiles once for all of them."""
+  """Environment for launch.py subprocesses: repo on the path, and this process's
+  persistent XLA cache (above) so the tiny model compiles once for all of them."""
+  del tmp_path_factory
   e = dict(os.environ)
-  e['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('xla_cache'))
-  e['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-  e['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
   e['PYTHONPATH'] = str(ROOT)
   return e
 
