@@ -35,10 +35,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=wrong-import-position
+import bench_util  # noqa: E402
 from configs import posetrack18
-from tdmi_jax import optim
 from tdmi_jax import sharding
-from tdmi_jax import state as state_lib
 from tdmi_jax import train_step as train_step_lib
 from tdmi_jax.models import deform_conv
 from tdmi_jax.models import tdmi
@@ -138,13 +137,9 @@ def _step_rows(args):
     # depend on them; weights ~ N(0, 0.01) keep activations finite).
     shapes = jax.eval_shape(lambda m=model: m.init(
         jax.random.key(0), jnp.zeros((1, 5, 4 * h, 4 * w, 3)), train=False))
+    variables = bench_util.random_variables(shapes)
+    st, mask, tx, schedule = bench_util.train_state(config, variables, mesh)
     rng = np.random.default_rng(0)
-    variables = jax.tree_util.tree_map_with_path(
-        lambda p, s: (np.ones(s.shape, s.dtype) if jax.tree_util.keystr(p).endswith("['var']")
-                      else (rng.normal(size=s.shape) * 0.01).astype(s.dtype)), shapes)
-    mask = tdmi.trainable_mask(variables['params'], config.model)
-    tx, schedule = optim.make_optimizer(config.optim, 1000)
-    st = sharding.replicate(state_lib.create(variables, mask, tx), mesh)
     batch = {
         'backbone_heatmaps': rng.normal(size=(b, 5, h, w, k)).astype(np.float32),
         'backbone_features': tuple(rng.normal(size=(b, 5, h, w, c)).astype(np.float32)

@@ -146,10 +146,9 @@ def forward_bench(args, torch_ref):
 
 def train_step_bench(args):
   """Frozen-backbone TDMI train step with fold_bn on and off: interleaved, same state."""
+  import bench_util
   from configs import posetrack18
-  from tdmi_jax import optim
   from tdmi_jax import sharding
-  from tdmi_jax import state as state_lib
   from tdmi_jax import train_step as train_step_lib
   from tdmi_jax.models import tdmi
   h, w = (int(v) for v in args.size.lower().split('x'))
@@ -171,12 +170,8 @@ def train_step_bench(args):
     if variables is None:  # Random values of the right shapes (timing does not read them).
       shapes = jax.eval_shape(lambda m=model: m.init(
           jax.random.key(0), jnp.zeros((1, 5, h, w, 3)), train=False))
-      variables = jax.tree_util.tree_map_with_path(
-          lambda p, s: (np.ones(s.shape, s.dtype) if jax.tree_util.keystr(p).endswith("['var']")
-                        else (rng.normal(size=s.shape) * 0.01).astype(s.dtype)), shapes)
-    mask = tdmi.trainable_mask(variables['params'], config.model)
-    tx, schedule = optim.make_optimizer(config.optim, 1000)
-    st = sharding.replicate(state_lib.create(variables, mask, tx), mesh)
+      variables = bench_util.random_variables(shapes)
+    st, mask, tx, schedule = bench_util.train_state(config, variables, mesh)
     sharded = sharding.shard_batch(batch, mesh, train_step_lib.TRAIN_KEYS)
     step = train_step_lib.make_train_step(model=model, config=config, tx=tx,
                                           schedule=schedule, mask=mask, mesh=mesh)

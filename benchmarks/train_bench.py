@@ -171,12 +171,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import bench_util
 from configs import posetrack18
 from configs import synthetic
 from tdmi_jax import losses
 from tdmi_jax import optim
 from tdmi_jax import sharding
-from tdmi_jax import state as state_lib
 from tdmi_jax import train_step as train_step_lib
 from tdmi_jax.models import hrnet
 from tdmi_jax.models import mi
@@ -260,37 +260,27 @@ _VARIABLES = {}
 
 
 def _variables(model, config):
-  """Random variables of the right shapes without compiling model.init (minutes for W48).
+  """Random variables of the right shapes without compiling model.init (bench_util).
 
-  Timing does not depend on the values; weights ~ N(0, 0.01) keep activations finite.
   Parameters are float32 whatever the compute dtype, so every dtype shares them.
   """
   key = (config.model.variant, tuple(config.data.image_size), config.model.useful_head)
   if key not in _VARIABLES:
     h, w = config.data.image_size
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 5, h, w, 3)),
-                                               train=False))
-    rng = np.random.default_rng(0)
-
-    def fill(path, s):
-      if jax.tree_util.keystr(path).endswith("['var']"):
-        return np.ones(s.shape, s.dtype)
-      return (rng.normal(size=s.shape) * 0.01).astype(s.dtype)
-
-    _VARIABLES[key] = jax.tree_util.tree_map_with_path(fill, shapes)
+    _VARIABLES[key] = bench_util.random_variables(jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 5, h, w, 3)), train=False)))
   return _VARIABLES[key]
 
 
 def _train_state(config, model, variables, mesh):
   """(state, step fn) of the real train step, with the vCLUB critic when the MI uses it."""
-  mask = tdmi.trainable_mask(variables['params'], config.model)
-  tx, schedule = optim.make_optimizer(config.optim, 1000)
   club_tx = club_params = None
   if losses.uses_club(config.mi):
     club_tx = optim.make_club_optimizer(config.mi)
     club_params = mi.init_club(jax.random.key(1), config.mi,
                                hrnet.get_spec(config.model.variant).width)['params']
-  st = sharding.replicate(state_lib.create(variables, mask, tx, club_params, club_tx), mesh)
+  st, mask, tx, schedule = bench_util.train_state(config, variables, mesh, club_params,
+                                                  club_tx)
   step = train_step_lib.make_train_step(model=model, config=config, tx=tx,
                                         schedule=schedule, mask=mask, mesh=mesh,
                                         club_tx=club_tx)
