@@ -243,6 +243,10 @@ def test_materialize_is_exact_and_stops_xla_cpu_recomputing_a_residual_chain(dty
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 3, 5, 8)) * 1e3, dtype)
   np.testing.assert_array_equal(jax.jit(layers.materialize)(x), x)
+  vectors = [jnp.asarray(rng.normal(size=n), dtype) for n in (3, 7, 1)]
+  for got, want in zip(jax.jit(layers.materialize_vectors)(vectors), vectors):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
 
   # Residual blocks then per-frame differences (what the TDE does with a stage's output):
   # without it, each difference's fusion recomputes every block's add and ReLU from the

@@ -23,6 +23,7 @@ import dataclasses
 import re
 from typing import Any
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -292,7 +293,13 @@ def fold_batch_norm(variables: Mapping[str, Any]) -> dict[str, Any]:
                        f'{["/".join(where + (n,)) for n in orphans]}')
     return out
 
-  return {'params': walk(params, stats, ())}
+  folded = walk(params, stats, ())
+  # The folded biases, computed once (layers.materialize): inside a jitted step XLA:CPU
+  # would otherwise re-derive each of them per element in every fusion that reads it.
+  flat = traverse_util.flatten_dict(folded)
+  biases = [k for k in flat if k[-1] == 'bias']
+  flat.update(zip(biases, layers.materialize_vectors([flat[k] for k in biases])))
+  return {'params': traverse_util.unflatten_dict(flat)}
 
 
 # --- flax path <-> PyTorch state_dict key ----------------------------------------------
