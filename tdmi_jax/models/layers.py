@@ -81,10 +81,11 @@ def materialize(x: jax.Array) -> jax.Array:
   residual adds then make every fusion recompute all the blocks before it, per element
   (an HRNet stage's output is consumed by the next stage's convs and, elementwise, by its
   residual adds). Used on HRNet module outputs, on BN-folded biases (computed inside a
-  jitted step) and on the backbone features the TDMI head slices per frame. No producer
-  is fused into a dot, so a product with the identity (exact at HIGHEST precision)
-  materialises x, for C FLOPs per element. On HRNet-W48 at 384x288 this makes the
-  elementwise work 0.17x and the forward ~0.88x (BENCHMARKS.md "Training step").
+  jitted step; `materialize_vectors`) and on the backbone features the TDMI head slices
+  per frame. No producer is fused into a dot, so a product with the identity (exact at
+  HIGHEST precision) materialises x, for C FLOPs per element. On HRNet-W48 at 384x288
+  this makes the elementwise work 0.17x and the forward ~0.88x (BENCHMARKS.md, "After
+  `layers.materialize`").
   GPU and TPU fusion weighs duplication by cost: there x passes through unchanged.
   """
   if jax.default_backend() != 'cpu':
