@@ -50,10 +50,9 @@ def _on_ci():
 
 
 @pytest.fixture(scope='session')
-def env(tmp_path_factory):
+def env():
   """Environment for launch.py subprocesses: repo on the path, and this process's
   persistent XLA cache (above) so the tiny model compiles once for all of them."""
-  del tmp_path_factory
   e = dict(os.environ)
   e['PYTHONPATH'] = str(ROOT)
   return e

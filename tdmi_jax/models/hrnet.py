@@ -222,8 +222,8 @@ class HRNet(nn.Module):
             z = _conv_bn(z, out, kernel=3, stride=2, relu=True, name=f'transition{t}_{i}_{j}',
                          **kw)
         xs.append(z)
-      if t == 1:
-        features.append(xs[0])
+      if t == 1:  # The other features are module outputs, materialised already.
+        features.append(layers.materialize(xs[0]))
       for m in range(stage.num_modules):
         # pose_hrnet builds stage 4 with multi_scale_output=False: its last module fuses
         # into branch 0 only.
@@ -238,6 +238,7 @@ class HRNet(nn.Module):
                        padding=sp.final_conv_kernel // 2, use_bias=True, dtype=self.dtype,
                        param_dtype=jnp.float32, kernel_init=layers.conv_init,
                        name='final_layer')(ys[0])
+    # Every feature is materialised (layers.materialize): TDMI's head reads them per frame.
     return heatmaps.astype(jnp.float32), {'features': tuple(features)}
 
 

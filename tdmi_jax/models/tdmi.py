@@ -120,7 +120,7 @@ class TDMI(nn.Module):
       b, t, h, w, _ = frames.shape
       all_heatmaps, baux = backbone(frames.reshape(b * t, h, w, -1), train=train)
       split = lambda x: maybe_stop(x.reshape(b, t, *x.shape[1:]))
-      stage_features = [split(layers.materialize(f)) for f in baux['features']]
+      stage_features = [split(f) for f in baux['features']]
       window_heatmaps = split(all_heatmaps)
     else:
       all_heatmaps, stage_features = backbone_outputs

@@ -1,0 +1,68 @@
+r"""A 3x3 conv's kernel gradient on XLA:CPU: autodiff's convolution against 9 dots, one per tap.
+
+  python benchmarks/conv_grad_bench.py
+
+Shapes of the TDMI-W48 head at 384x288 (96x72 maps): a 48->48 conv at batch 1 and 5, and
+an offset conv (48->216, dilation 3) at batch 1. "conv" is `jax.vjp` of
+`lax.conv_general_dilated` with respect to the kernel (what training runs today); "9 dots"
+sums, per tap, shifted-input^T @ output-gradient. Both are checked equal first. Median of
+--repeats calls after a warm-up; GFLOP/s counts 2*B*H*W*Ci*Co*9.
+"""
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _conv(x, w, d):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), [(d, d), (d, d)], rhs_dilation=(d, d),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _taps(x, dy, d):
+  _, h, w, ci = x.shape
+  co = dy.shape[-1]
+  xp = jnp.pad(x, ((0, 0), (d, d), (d, d), (0, 0)))
+  rows = dy.reshape(-1, co)
+  return jnp.stack([xp[:, i * d:i * d + h, j * d:j * d + w, :].reshape(-1, ci).T @ rows
+                    for i in range(3) for j in range(3)]).reshape(3, 3, ci, co)
+
+
+def _median(f, args, repeats):
+  jax.block_until_ready(f(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--repeats', type=int, default=7)
+  args = parser.parse_args()
+  print('| B, H, W, Ci -> Co, dilation | conv ms | conv GFLOP/s | 9 dots ms | 9 dots GFLOP/s '
+        '| conv / 9 dots |')
+  print('|---|---|---|---|---|---|')
+  for b, h, w, ci, co, d in ((1, 96, 72, 48, 48, 1), (1, 96, 72, 48, 216, 3),
+                             (5, 96, 72, 48, 48, 1)):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(b, h, w, ci)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(b, h, w, co)), jnp.float32)
+    w0 = jnp.zeros((3, 3, ci, co), jnp.float32)
+    conv = jax.jit(lambda x, dy, d=d: jax.vjp(lambda k: _conv(x, k, d), w0)[1](dy)[0])
+    taps = jax.jit(lambda x, dy, d=d: _taps(x, dy, d))
+    np.testing.assert_allclose(taps(x, dy), conv(x, dy), rtol=1e-3, atol=1e-2)
+    gflop = 2 * b * h * w * ci * co * 9 / 1e9
+    tc, tt = _median(conv, (x, dy), args.repeats), _median(taps, (x, dy), args.repeats)
+    print(f'| {b}, {h}, {w}, {ci} -> {co}, {d} | {tc * 1e3:.1f} | {gflop / tc:.0f} | '
+          f'{tt * 1e3:.1f} | {gflop / tt:.0f} | {tc / tt:.2f} |')
+
+
+if __name__ == '__main__':
+  main()
