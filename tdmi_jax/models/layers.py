@@ -84,7 +84,7 @@ def materialize(x: jax.Array) -> jax.Array:
   jitted step; `materialize_vectors`) and on the backbone features the TDMI head slices
   per frame. No producer is fused into a dot, so a product with the identity (exact at
   HIGHEST precision) materialises x, for C FLOPs per element. On HRNet-W48 at 384x288
-  this makes the elementwise work 0.17x and the forward ~0.88x (BENCHMARKS.md, "After
+  this makes the elementwise work 0.25x and the forward 0.84x (BENCHMARKS.md, "After
   `layers.materialize`").
   GPU and TPU fusion weighs duplication by cost: there x passes through unchanged.
   """
