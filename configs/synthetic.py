@@ -20,10 +20,10 @@ objectives measured trained worse than the heatmap loss alone on this data).
 Smoke-test note: `runlocal` also switches the 'variational' MI objective on, so that the
 tests that launch it exercise the driver's MI path.
 
-Expected result (measured 2026-12-01, README quick start): 200 steps of batch 16, then one
-evaluation on 360 detector boxes of 108 val frames: PoseTrack mAP Total 74.8 (clean key
-frames 83.4, degraded 56.2); the backbone alone on the same boxes: 73.7 (83.2, 52.6). Wall
-time 5 min 36 s on the idle 2-core box.
+Expected result (measured 2026-12-01, README quick start, fresh clone): 200 steps of batch
+16, then one evaluation on 360 detector boxes of 108 val frames: PoseTrack mAP Total 76.2
+(clean key frames 83.4, degraded 60.9); the backbone alone on the same boxes: 73.7 (83.2,
+52.6). Wall time 5 min 36 s on the idle 2-core box (at an earlier commit).
 """
 
 from configs import common
