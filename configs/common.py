@@ -42,6 +42,10 @@ def apply_runlocal(config):
   config.checkpoint.every_steps = 2
   # A background thread: worker processes start in seconds that a few steps never repay.
   config.data.num_workers = 0
+  # Logging every step, the per-term gradient norms would add a forward and a backward per
+  # loss share to every step (and a compile): --config.log_term_grad_norms=True for them.
+  if 'log_term_grad_norms' in config:
+    config.log_term_grad_norms = False
   return config
 
 

@@ -20,16 +20,20 @@ import tempfile
 # Must be set before jax is imported anywhere: sharded tests need >1 CPU device.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-# One persistent compilation cache per test process (each pytest-xdist worker has its own),
-# shared by the tests in it and every launch.py subprocess they start: the suite compiles
-# the same tiny programs many times over, and compiling is most of its time. Every program
-# is cached, however small or fast to compile.
+# One persistent compilation cache for the whole run: made by the first process that loads
+# this file (pytest-xdist's controller, whose environment its workers inherit) and shared
+# by every test process and every launch.py subprocess they start: the suite compiles the
+# same tiny programs many times over, and compiling is most of its time. Every program is
+# cached, however small or fast to compile.
 if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
   _CACHE_DIR = tempfile.mkdtemp(prefix='tdmi_tests_xla_cache_')
   atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE_DIR
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
+# A size limit makes JAX take a file lock around each cache read and write; without one,
+# a process could read an entry another process is still writing.
+os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(16 << 30))
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -61,13 +65,15 @@ def env():
 @pytest.fixture(scope='session')
 def runlocal_six_steps(env, tmp_path_factory):
   """(workdir, process) of `launch.py --config=configs/synthetic.py:runlocal` for 6 steps,
-  uninterrupted: the reference of the resume tests (tests/test_train.py) and of the
+  uninterrupted, with the per-term gradient norms logged: the reference of the resume tests (tests/test_train.py) and of the
   2-process run (tests/test_multihost.py)."""
   import subprocess  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp('six')
   proc = subprocess.run(
       [sys.executable, 'launch.py', '--config=configs/synthetic.py:runlocal',
-       f'--workdir={workdir}', '--config.num_train_steps=6'],
+       f'--workdir={workdir}', '--config.num_train_steps=6',
+       # runlocal leaves them off; tests/test_train.py checks them on this run.
+       '--config.log_term_grad_norms=True'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return workdir, proc

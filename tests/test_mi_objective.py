@@ -199,6 +199,9 @@ def test_club_critic_learns_on_standardised_samples():
 
 # The tiny model config with dotted overrides: the same helper as the model tests'.
 _model_cfg = test_tdmi._cfg  # pylint: disable=protected-access
+# The driver's init key kind (state.create_state): init compiles 2.4x faster than with
+# threefry (10 vs 24 s for the tiny TDMI here).
+_INIT_KEY = jax.random.key(0, impl='unsafe_rbg')
 
 
 def _init(cfg, hw=(64, 32)):
@@ -206,7 +209,7 @@ def _init(cfg, hw=(64, 32)):
   (eager calls of the whole model cost a minute each on 2 cores)."""
   model = tdmi.build_model(cfg)
   frames = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, *hw, 3)), jnp.float32)
-  variables = jax.jit(lambda r, f: model.init(r, f, train=False))(jax.random.key(0), frames)
+  variables = jax.jit(lambda r, f: model.init(r, f, train=False))(_INIT_KEY, frames)
   apply = jax.jit(lambda v, f: model.apply(v, f, train=False))
   return model, variables, frames, apply
 
@@ -307,7 +310,7 @@ def _mi_to_lh_ratios(image_hw, sigma):
              tuple(jnp.asarray(rng.normal(size=(2, 5, hh, ww, c)), jnp.float32)
                    for _ in range(4)))
   frames = jnp.zeros((1, 5, 64, 32, 3), jnp.float32)
-  variables = jax.jit(lambda r, f: model.init(r, f, train=False))(jax.random.key(0), frames)
+  variables = jax.jit(lambda r, f: model.init(r, f, train=False))(_INIT_KEY, frames)
   yy, xx = np.mgrid[:hh, :ww]
   cy, cx = rng.uniform(0.3, 0.7, size=(2, 17)) * hh, rng.uniform(0.3, 0.7, size=(2, 17)) * ww
   target = np.exp(-((yy[None, :, :, None] - cy[:, None, None]) ** 2
