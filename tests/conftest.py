@@ -65,19 +65,32 @@ def env():
 @pytest.fixture(scope='session')
 def runlocal_six_steps(env, tmp_path_factory):
   """(workdir, process) of `launch.py --config=configs/synthetic.py:runlocal` for 6 steps,
-  uninterrupted, with the per-term gradient norms logged: the reference of the resume tests (tests/test_train.py) and of the
-  2-process run (tests/test_multihost.py)."""
+  uninterrupted, with the per-term gradient norms logged: the reference of the resume tests
+  (tests/test_train.py) and of the 2-process run (tests/test_multihost.py). Read-only.
+
+  Run once per test run: under pytest-xdist the first worker to ask runs it into the
+  run's shared temporary folder while the others wait on a file lock, then read it.
+  """
+  import json  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path_factory.mktemp('six')
-  proc = subprocess.run(
-      [sys.executable, 'launch.py', '--config=configs/synthetic.py:runlocal',
-       f'--workdir={workdir}', '--config.num_train_steps=6',
-       # runlocal leaves them off; tests/test_train.py checks them on this run.
-       '--config.log_term_grad_norms=True'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  import filelock  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # This run's folder, above the workers' own (popen-gw0, ...).
+  workdir, record = root / 'runlocal_six_steps', root / 'runlocal_six_steps.json'
+  with filelock.FileLock(str(root / 'runlocal_six_steps.lock')):
+    if not record.exists():
+      proc = subprocess.run(
+          [sys.executable, 'launch.py', '--config=configs/synthetic.py:runlocal',
+           f'--workdir={workdir}', '--config.num_train_steps=6',
+           # runlocal leaves them off; tests/test_train.py checks them on this run.
+           '--config.log_term_grad_norms=True'],
+          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+      record.write_text(json.dumps({'args': proc.args, 'returncode': proc.returncode,
+                                    'stdout': proc.stdout, 'stderr': proc.stderr}))
+    proc = subprocess.CompletedProcess(**json.loads(record.read_text()))
   assert proc.returncode == 0, proc.stderr[-4000:]
   return workdir, proc
-
 
 
 def _real(name):
