@@ -418,8 +418,14 @@ def _train_and_evaluate(config, workdir, mode, mesh):
           bar.write(f'{why}: checkpoint written at step {step}; exiting.')
           logging.warning('%s: stopped at step %d (checkpoint written).', why, step)
           results['stopped_at'] = step
+          batch = None  # As after the loop below.
+          batches.close()
           return results
     bar.close()
+    # The last batch may still view a worker's shared-memory block (CPU arrays alias host
+    # memory): released before the workers stop, grain unlinks it; else Python's resource
+    # tracker finds it leaked at exit.
+    batch = None
     batches.close()
     ckpts.wait()
 

@@ -121,8 +121,11 @@ def test_sigterm_then_resume_equals_uninterrupted_bit_for_bit(env, six_steps, tm
 def test_metrics_are_summed_on_device_and_read_at_log_steps(env, six_steps, tmp_path):
   ref, _ = six_steps
   workdir = tmp_path / 'every3'
-  _ok(_launch(env, workdir, '--config.num_train_steps=6', '--config.log_every_steps=3',
-              '--config.log_term_grad_norms=True'))
+  # With grain worker processes (the reference reads in a thread): the same batches, and
+  # every shared-memory block they came in is released by the end of the run.
+  proc = _ok(_launch(env, workdir, '--config.num_train_steps=6', '--config.log_every_steps=3',
+                     '--config.log_term_grad_norms=True', '--config.data.num_workers=2'))
+  assert 'leaked shared_memory' not in proc.stderr, proc.stderr[-2000:]
   rows, ref_rows = _rows(workdir), _rows(ref)
   assert [r['step'] for r in rows] == [3, 6]
   for row, part in zip(rows, (ref_rows[:3], ref_rows[3:])):
