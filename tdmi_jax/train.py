@@ -320,6 +320,7 @@ def _train_and_evaluate(config, workdir, mode, mesh):
   eval_step = train_step_lib.make_eval_step(model=model, mesh=mesh)
   log = _Log(workdir, rewind_to=None if mode == 'eval' else start_step)
   results = {}
+  batches = None
   try:
     # --- Evaluation only --------------------------------------------------------------
     if mode == 'eval':
@@ -418,14 +419,9 @@ def _train_and_evaluate(config, workdir, mode, mesh):
           bar.write(f'{why}: checkpoint written at step {step}; exiting.')
           logging.warning('%s: stopped at step %d (checkpoint written).', why, step)
           results['stopped_at'] = step
-          batch = None  # As after the loop below.
-          batches.close()
           return results
     bar.close()
-    # The last batch may still view a worker's shared-memory block (CPU arrays alias host
-    # memory): released before the workers stop, grain unlinks it; else Python's resource
-    # tracker finds it leaked at exit.
-    batch = None
+    batch = None  # Before the workers stop: see the `finally` below.
     batches.close()
     ckpts.wait()
 
@@ -446,5 +442,11 @@ def _train_and_evaluate(config, workdir, mode, mesh):
           print(f'Overlays: {os.path.join(workdir, "overlays", str(step))}/*.png')
     return results
   finally:
+    # However the loop ends (done, preempted, an error): the last batch may still view a
+    # worker's shared-memory block (CPU arrays alias host memory). Released before the
+    # workers stop, grain unlinks it; else Python's resource tracker finds it leaked at exit.
+    batch = None
+    if batches is not None:
+      batches.close()
     log.close()
     ckpts.close()

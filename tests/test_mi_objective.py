@@ -199,8 +199,8 @@ def test_club_critic_learns_on_standardised_samples():
 
 # The tiny model config with dotted overrides: the same helper as the model tests'.
 _model_cfg = test_tdmi._cfg  # pylint: disable=protected-access
-# The driver's init key kind (state.create_state): init compiles 2.4x faster than with
-# threefry (10 vs 24 s for the tiny TDMI here).
+# The driver's init key kind (state.create_state): the init compiles several times faster
+# than with threefry keys.
 _INIT_KEY = jax.random.key(0, impl='unsafe_rbg')
 
 
